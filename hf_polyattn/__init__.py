@@ -1,0 +1,46 @@
+"""hf_polyattn: polynomial (Power-Softmax) LLMs for transformers, ready for CKKS inference.
+
+Importing the package registers everything with transformers (and peft, when installed):
+`AutoConfig` / `AutoModel` / `AutoModelForCausalLM` for `model_type="polyattn"`, the
+`"power_softmax"` attention and mask functions, and the default LoRA target modules.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .modeling import (
+    ATTENTION_NAME,
+    PolyAttnConfig,
+    PolyAttnForCausalLM,
+    PolyAttnModel,
+    PolyAttnPreTrainedModel,
+    power_softmax,
+)
+
+__version__ = "0.1.0"
+
+# LoRA on every attention projection: the layers Power-Softmax changes the inputs of.
+LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def _register() -> None:
+    AutoConfig.register(PolyAttnConfig.model_type, PolyAttnConfig, exist_ok=True)
+    AutoModel.register(PolyAttnConfig, PolyAttnModel, exist_ok=True)
+    AutoModelForCausalLM.register(PolyAttnConfig, PolyAttnForCausalLM, exist_ok=True)
+    try:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    except ImportError:  # peft is optional at import time
+        return
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault(PolyAttnConfig.model_type, LORA_TARGET_MODULES)
+
+
+_register()
+
+__all__ = [
+    "ATTENTION_NAME",
+    "LORA_TARGET_MODULES",
+    "PolyAttnConfig",
+    "PolyAttnForCausalLM",
+    "PolyAttnModel",
+    "PolyAttnPreTrainedModel",
+    "power_softmax",
+]

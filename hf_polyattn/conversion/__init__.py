@@ -1,0 +1,1 @@
+"""From text and softmax checkpoints to trained PolyAttn models."""

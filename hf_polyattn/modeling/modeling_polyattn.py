@@ -1,0 +1,207 @@
+"""PolyAttn: a Llama-shaped causal LM whose attention is Power-Softmax.
+
+The parameter layout is Llama's (`q/k/v/o_proj`, `gate/up/down_proj`, `input_layernorm`,
+`post_attention_layernorm`, `norm`), so a Llama-family checkpoint converts by a plain copy. The
+rotary embedding and its application are transformers' own Llama code.
+"""
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+)
+from transformers.utils import can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_polyattn import PolyAttnConfig
+from .power_softmax import ATTENTION_NAME
+
+
+class PolyAttnRMSNorm(LlamaRMSNorm):
+    """RMSNorm; the polynomial form replaces its inverse square root."""
+
+
+class PolyAttnMLP(LlamaMLP):
+    """Gated MLP `down(act(gate(x)) * up(x))`; the polynomial form replaces `act`."""
+
+
+class PolyAttnAttention(LlamaAttention):
+    """Llama's attention block; the score normalisation is dispatched to `"power_softmax"`."""
+
+
+class PolyAttnDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: `h + attn(norm(h))`, then `h + mlp(norm(h))`."""
+
+    def __init__(self, config: PolyAttnConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = PolyAttnAttention(config=config, layer_idx=layer_idx)
+        self.mlp = PolyAttnMLP(config)
+        self.input_layernorm = PolyAttnRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = PolyAttnRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        attn_output, _ = self.self_attn(
+            hidden_states=self.input_layernorm(hidden_states),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = hidden_states + attn_output
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class PolyAttnPreTrainedModel(PreTrainedModel):
+    config_class = PolyAttnConfig
+    config: PolyAttnConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["PolyAttnDecoderLayer"]
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "hidden_states": PolyAttnDecoderLayer,
+        "attentions": PolyAttnAttention,
+    }
+
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        # A PolyAttn model *is* its attention: sdpa/eager/flash would silently compute softmax.
+        if requested_attention is None:
+            return ATTENTION_NAME
+        if not requested_attention.startswith(ATTENTION_NAME):
+            raise ValueError(
+                f"PolyAttn models only run Power-Softmax attention (attn_implementation="
+                f"{ATTENTION_NAME!r} or a registered variant), got {requested_attention!r}"
+            )
+        return super().get_correct_attn_implementation(requested_attention, is_init_check)
+
+
+class PolyAttnModel(PolyAttnPreTrainedModel):
+    """The decoder stack: embeddings → PolyAttn blocks → final norm."""
+
+    def __init__(self, config: PolyAttnConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [PolyAttnDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = PolyAttnRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """Run the stack. `cache` is transformers 5's cache argument (there is no `past_key_values`)."""
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens)[None]
+
+        keep_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=keep_mask,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
+
+
+class PolyAttnForCausalLM(PolyAttnPreTrainedModel, GenerationMixin):
+    """PolyAttn with a language-modelling head; `generate()` works as for any transformers LM."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: PolyAttnConfig):
+        super().__init__(config)
+        self.model = PolyAttnModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits (and the shifted LM loss when `labels` are given) for `input_ids`."""
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = ["PolyAttnForCausalLM", "PolyAttnModel", "PolyAttnPreTrainedModel"]

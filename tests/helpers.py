@@ -1,0 +1,84 @@
+"""Shared test helpers: tiny configs, models whose attention matters, and the cache checks."""
+
+import torch
+
+from hf_polyattn import PolyAttnConfig, PolyAttnForCausalLM
+
+VOCAB = 97
+
+
+def tiny_config(**overrides) -> PolyAttnConfig:
+    """A 2-layer GQA PolyAttn config; `initializer_range` large enough that scores are O(1)."""
+    fields = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=0.15,
+        attn_power=4,
+        attn_eps=1e-6,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    fields.update(overrides)
+    return PolyAttnConfig(**fields)
+
+
+def tiny_model(seed: int = 0, **overrides) -> PolyAttnForCausalLM:
+    torch.manual_seed(seed)
+    return PolyAttnForCausalLM(tiny_config(**overrides)).eval()
+
+
+def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=generator)
+
+
+def left_padded_batch(lengths: list[int], pad_id: int = 0, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts of the given lengths, left padded to the longest, with their attention mask."""
+    ids = random_ids(len(lengths), max(lengths), seed=seed)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, : max(lengths) - length] = pad_id
+        mask[row, max(lengths) - length :] = 1
+    return ids, mask
+
+
+def assert_attention_matters(model: PolyAttnForCausalLM, ids: torch.Tensor) -> None:
+    """Changing the first token must move the last logits: otherwise a dropped cache goes unseen."""
+    changed = ids.clone()
+    changed[:, 0] = (changed[:, 0] + 1) % model.config.vocab_size
+    with torch.no_grad():
+        delta = (model(ids).logits[:, -1] - model(changed).logits[:, -1]).abs().max()
+    assert delta > 1e-2, f"attention barely matters (max |Δlogit| {delta:.2e}); the test would be blind"
+
+
+def chunked_prefill_then_decode_logits(model, ids: torch.Tensor, mask: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Logits from a prefill of `chunk` tokens, the rest chunk by chunk, the last tokens one at a time."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    pieces = []
+    start = 0
+    sizes = [chunk] * ((ids.shape[1] - 3) // chunk)
+    sizes += [ids.shape[1] - 3 - sum(sizes)] + [1, 1, 1]
+    for size in sizes:
+        if size == 0:
+            continue
+        end = start + size
+        position_ids = (mask[:, :end].cumsum(-1) - 1).clamp_min(0)[:, start:end]
+        out = model(
+            input_ids=ids[:, start:end],
+            attention_mask=mask[:, :end],
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+        )
+        cache = out.cache
+        pieces.append(out.logits)
+        start = end
+    return torch.cat(pieces, dim=1)

@@ -1,0 +1,53 @@
+"""`push_to_hub` uploads config, weights, code and a tagged model card (network calls faked)."""
+
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.errors import EntryNotFoundError
+
+from hf_polyattn.hub import HUB_TAGS, push_to_hub
+from tests.helpers import tiny_model
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """Replace the Hub's network calls; record every file a commit would upload."""
+    uploads = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        return SimpleNamespace(repo_id=repo_id)
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        for op in operations:
+            source = op.path_or_fileobj
+            uploads[op.path_in_repo] = open(source, "rb").read() if isinstance(source, str) else source
+        return SimpleNamespace(commit_url=f"https://hub.invalid/{repo_id}/commit/0", oid="0", pr_url=None)
+
+    def no_card(*args, **kwargs):
+        raise EntryNotFoundError("no README.md in a new repo")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(ModelCard, "load", classmethod(no_card))
+    return uploads
+
+
+def test_push_uploads_weights_code_and_a_tagged_card(fake_hub):
+    push_to_hub(tiny_model(), "someone/tiny-polyattn", tags=["shakespeare"])
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "modeling_polyattn.py",
+        "configuration_polyattn.py",
+        "power_softmax.py",
+        "README.md",
+    ):
+        assert name in fake_hub, f"{name} was not uploaded: {sorted(fake_hub)}"
+    card = fake_hub["README.md"].decode()
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["library_name"] == "transformers"
+    assert set(HUB_TAGS) | {"shakespeare"} <= set(metadata["tags"])
+    assert b'"AutoModelForCausalLM": "modeling_polyattn.PolyAttnForCausalLM"' in fake_hub["config.json"]
