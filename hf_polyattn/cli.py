@@ -34,7 +34,46 @@ def _info(args: argparse.Namespace) -> int:
         print(f"model {args.model}: {config.model_type}, {config.num_hidden_layers} layers, d={config.hidden_size}")
         if config.model_type == PolyAttnConfig.model_type:
             print(f"  attention: p={config.attn_power}, eps={config.attn_eps}, form={config.attn_form}")
-            print(f"  polynomial form: {'yes' if config.polynomial else 'no (exact)'}")
+            polynomial = bool(config.polynomial and config.polynomial.get("enabled"))
+            print(f"  polynomial form: {'yes' if polynomial else 'no (exact)'}")
+            if polynomial:
+                from transformers import AutoModelForCausalLM
+
+                print(AutoModelForCausalLM.from_pretrained(args.model).polynomial_report(as_text=True))
+    return 0
+
+
+def _polynomialize(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_polyattn.conversion.calibrate import calibration_batches
+    from hf_polyattn.conversion.corpora import shakespeare_texts
+    from hf_polyattn.conversion.data import text_blocks
+    from hf_polyattn.conversion.pretrain import split_text
+    from hf_polyattn.evaluation.fidelity import polynomial_fidelity
+
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    if not hasattr(model, "to_polynomial"):
+        print(f"hf-polyattn: {args.model} is a {model.config.model_type} model, not PolyAttn", file=sys.stderr)
+        return 2
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    texts = [open(path, encoding="utf-8").read() for path in args.text] if args.text else list(shakespeare_texts().values())
+    train_text, held_out_text = split_text(texts)
+    batches = calibration_batches(tokenizer, [train_text], args.block, args.blocks)
+    options = {"activation": {"degree": args.activation_degree}} if args.activation_degree else {}
+    model.to_exact().to_polynomial(calibration_data=batches, tolerance=args.tolerance, margin=args.margin, **options)
+    print(model.polynomial_report(as_text=True))
+    held_out = torch.tensor(text_blocks(tokenizer, [held_out_text], args.block)["input_ids"][: args.blocks])
+    scores = polynomial_fidelity(model, held_out, progress=True)
+    print(
+        f"held-out ({len(held_out)} blocks of {args.block}): perplexity {scores['ppl_exact']:.3f} exact -> "
+        f"{scores['ppl_poly']:.3f} polynomial, top-1 agreement {100 * scores['top1_agreement']:.2f} %, "
+        f"max |Δlogit| {scores['max_dlogit']:.2e}"
+    )
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    print(f"saved the polynomial form to {args.out}")
     return 0
 
 
@@ -69,6 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="versions, registered classes, and a model's attention setup")
     info.add_argument("--model", help="a saved model folder to describe")
     info.set_defaults(run=_info)
+
+    poly = commands.add_parser(
+        "polynomialize", help="calibrate on text, switch to the polynomial form, report its cost, save"
+    )
+    poly.add_argument("--model", required=True, help="a saved PolyAttn folder with its tokenizer")
+    poly.add_argument("--out", required=True, help="where to save the polynomial model")
+    poly.add_argument("--text", nargs="*", help="text files (default: Shakespeare); the last 5 %% is held out")
+    poly.add_argument("--block", type=int, default=128, help="tokens per calibration / evaluation block")
+    poly.add_argument("--blocks", type=int, default=64, help="blocks for calibration, and for evaluation")
+    poly.add_argument("--tolerance", type=float, default=1e-3, help="max relative error of 1/x and 1/sqrt(x)")
+    poly.add_argument("--margin", type=float, default=2.0, help="domain margin around the observed range")
+    poly.add_argument("--activation-degree", type=int, help="degree of the activation polynomial (default 16)")
+    poly.set_defaults(run=_polynomialize)
 
     generate = commands.add_parser("generate", help="generate text from a saved model folder")
     generate.add_argument("prompt")

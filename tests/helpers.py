@@ -82,3 +82,49 @@ def chunked_prefill_then_decode_logits(model, ids: torch.Tensor, mask: torch.Ten
         pieces.append(out.logits)
         start = end
     return torch.cat(pieces, dim=1)
+
+
+class Encrypted(torch.Tensor):
+    """A tensor standing for data the server cannot read: every result computed from it is
+    `Encrypted` too, and any step a CKKS server could not evaluate on it raises.
+
+    Allowed on encrypted data: +, -, ×, integer powers, sums/means, matmuls with anything,
+    reshapes and casts. Refused: exp, log, division *by* encrypted data, sqrt/rsqrt, softmax,
+    erf/tanh/sigmoid/SiLU/GELU, comparisons, max/min/abs, where.
+    """
+
+    REFUSED = {
+        "exp", "exp_", "log", "sqrt", "rsqrt", "reciprocal", "softmax", "log_softmax", "erf", "tanh",
+        "sigmoid", "silu", "gelu", "relu", "abs", "amax", "amin", "max", "min", "clamp", "clamp_min",
+        "where", "eq", "ne", "gt", "ge", "lt", "le", "__eq__", "__gt__", "__ge__", "__lt__", "__le__",
+        "sign", "floor", "ceil", "round", "sort", "topk", "argmax",
+    }
+    DIVISIONS = {"div", "__truediv__", "true_divide", "__rtruediv__", "div_", "__itruediv__"}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        flat = list(args) + list(kwargs.values())
+        encrypted = any(isinstance(a, Encrypted) for a in flat)
+        if encrypted and name in cls.REFUSED:
+            raise AssertionError(f"non-polynomial step {name!r} on encrypted data")
+        if encrypted and name in cls.DIVISIONS:
+            divisor = args[0] if name == "__rtruediv__" else args[1] if len(args) > 1 else kwargs.get("other")
+            if isinstance(divisor, Encrypted):
+                raise AssertionError(f"division by encrypted data ({name})")
+        if name == "pow" or name == "__pow__":
+            exponent = args[1] if len(args) > 1 else kwargs.get("exponent")
+            if encrypted and isinstance(args[0], Encrypted) and not float(exponent).is_integer():
+                raise AssertionError(f"non-integer power {exponent} of encrypted data")
+        result = super().__torch_function__(func, types, args, kwargs)
+        return result if encrypted else _plain(result)
+
+
+def _plain(value):
+    """Results of plaintext-only computations are not encrypted."""
+    if isinstance(value, Encrypted):
+        return value.as_subclass(torch.Tensor)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_plain(v) for v in value)
+    return value

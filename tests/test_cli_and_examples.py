@@ -75,3 +75,17 @@ def test_cli_rejects_bad_arguments(capsys):
     assert cli_main(["generate", "--model", "x", "hi", "--max-new-tokens", "0"]) == 2
     with pytest.raises(SystemExit):
         cli_main(["no-such-command"])
+
+
+def test_cli_polynomialize_reports_saves_and_info_shows_it(trained, tmp_path, capsys):
+    out = tmp_path / "poly"
+    argv = ["polynomialize", "--model", str(trained), "--out", str(out), "--text", str(trained.parent / "text.txt")]
+    assert cli_main(argv + ["--block", "32", "--blocks", "8", "--activation-degree", "12"]) == 0
+    printed = capsys.readouterr().out
+    assert "total multiplicative depth" in printed and "top-1 agreement" in printed
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.is_polynomial and model.config.polynomial["calibrated"]
+    assert model.config.polynomial["sites"]["layers.0.mlp.act_fn"]["degree"] == 12
+    assert cli_main(["info", "--model", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert "polynomial form: yes" in info and "layers.1.self_attn.reciprocal" in info

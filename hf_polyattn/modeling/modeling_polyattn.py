@@ -24,19 +24,54 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_polyattn import PolyAttnConfig
-from .power_softmax import ATTENTION_NAME
+from .calibration import record_ranges
+from .polynomial_form import (
+    ApproximatedOp,
+    build_polynomial_spec,
+    format_polynomial_report,
+    install_polynomial,
+    polynomial_report,
+    remove_polynomial,
+)
+from .power_softmax import ATTENTION_NAME, exact_reciprocal
 
 
 class PolyAttnRMSNorm(LlamaRMSNorm):
-    """RMSNorm; the polynomial form replaces its inverse square root."""
+    """RMSNorm `γ · x / sqrt(mean(x²) + eps)`; the polynomial form replaces the inverse sqrt."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__(hidden_size, eps=eps)
+        self.inv_sqrt = ApproximatedOp("inv_sqrt", torch.rsqrt, harmless_at=eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon
+        return self.weight * (hidden_states * self.inv_sqrt(variance)).to(input_dtype)
 
 
 class PolyAttnMLP(LlamaMLP):
     """Gated MLP `down(act(gate(x)) * up(x))`; the polynomial form replaces `act`."""
 
+    def __init__(self, config: PolyAttnConfig):
+        super().__init__(config)
+        self.act_fn = ApproximatedOp("activation", self.act_fn)
+
 
 class PolyAttnAttention(LlamaAttention):
-    """Llama's attention block; the score normalisation is dispatched to `"power_softmax"`."""
+    """Llama's attention block; the score normalisation is dispatched to `"power_softmax"`.
+
+    It carries the pieces the attention function picks up: `reciprocal` (the normaliser's 1/x,
+    approximated in the polynomial form), `score_probe` (calibration watches the scores) and
+    `score_scale` (`None`: the config's stable scaling; a number: the polynomial form's static
+    scale).
+    """
+
+    def __init__(self, config: PolyAttnConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.reciprocal = ApproximatedOp("reciprocal", exact_reciprocal)
+        self.score_probe = nn.Identity()
+        self.score_scale: float | None = None
 
 
 class PolyAttnDecoderLayer(GradientCheckpointingLayer):
@@ -92,6 +127,77 @@ class PolyAttnPreTrainedModel(PreTrainedModel):
                 f"{ATTENTION_NAME!r} or a registered variant), got {requested_attention!r}"
             )
         return super().get_correct_attn_implementation(requested_attention, is_init_check)
+
+    def post_init(self):
+        super().post_init()
+        spec = self.config.polynomial
+        if spec and spec.get("enabled") and self is self.base_model:
+            install_polynomial(self, spec)
+
+    @property
+    def is_polynomial(self) -> bool:
+        """Whether the forward pass is the polynomial (+, × only) circuit."""
+        return bool(self.config.polynomial and self.config.polynomial.get("enabled"))
+
+    def to_polynomial(
+        self,
+        calibration_data=None,
+        *,
+        tolerance: float = 1e-3,
+        margin: float = 2.0,
+        reciprocal: dict | None = None,
+        inv_sqrt: dict | None = None,
+        activation: dict | None = None,
+        check_domain: bool = True,
+        progress: bool = True,
+    ):
+        """Switch to the polynomial form: the forward pass uses only +, × and constants.
+
+        Args:
+            calibration_data: batches (LongTensors of ids, or dicts with `input_ids` and an
+                optional `attention_mask`) run through the exact model to choose every domain.
+                `None` keeps the domains already in `config.polynomial` or, on a first call, the
+                documented defaults (`DEFAULT_DOMAINS`, score scale 8): it always runs, but only
+                calibration makes it accurate.
+            tolerance: the max relative error that picks the iterations of the reciprocal and
+                inverse square root.
+            margin: positive domains are `[min / margin, max · margin]` of what was observed.
+            reciprocal / inv_sqrt / activation: options of each approximation, e.g.
+                `reciprocal={"method": "newton", "init_degree": 1}`, `activation={"degree": 12}`,
+                `inv_sqrt={"iterations": 6}`.
+            check_domain: count inputs outside a domain and warn once per step.
+            progress: show a progress bar while calibrating.
+
+        Returns the model itself; `to_exact()` switches back.
+        """
+        options = {k: v for k, v in (("reciprocal", reciprocal), ("inv_sqrt", inv_sqrt), ("activation", activation)) if v}
+        base = self.base_model
+        previous = self.config.polynomial
+        if calibration_data is None and previous and not options:
+            spec = {**previous, "enabled": True}
+        else:
+            ranges = record_ranges(self, calibration_data, progress) if calibration_data is not None else None
+            if ranges is None and previous and previous.get("calibrated"):
+                raise ValueError(
+                    "to_polynomial() with new approximation options needs calibration_data: the calibrated "
+                    "domains cannot be kept when the approximations change"
+                )
+            spec = build_polynomial_spec(base, self.config, ranges, tolerance, margin, options)
+        install_polynomial(base, spec, check_domain)
+        self.config.polynomial = spec
+        return self
+
+    def to_exact(self):
+        """Back to the exact model; the polynomial description stays in the config (disabled)."""
+        remove_polynomial(self.base_model)
+        if self.config.polynomial:
+            self.config.polynomial = {**self.config.polynomial, "enabled": False}
+        return self
+
+    def polynomial_report(self, as_text: bool = False):
+        """Per-step domains, depths, multiplication counts and errors, and the model's depth."""
+        report = polynomial_report(self.base_model, self.config)
+        return format_polynomial_report(report) if as_text else report
 
 
 class PolyAttnModel(PolyAttnPreTrainedModel):

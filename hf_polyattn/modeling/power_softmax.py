@@ -43,6 +43,7 @@ def power_softmax(
     stable_scaling: bool = True,
     scale_delta: float = 1e-4,
     reciprocal: Reciprocal = exact_reciprocal,
+    score_scale: float | None = None,
 ) -> torch.Tensor:
     """Power-Softmax along the last dimension, computed in float32 (float64 stays float64).
 
@@ -59,6 +60,9 @@ def power_softmax(
         scale_delta: the `δ` of the stable scaling.
         reciprocal: how `1/normaliser` is computed; the polynomial form passes its iterative
             approximation here so exact and polynomial attention share every other step.
+        score_scale: a public constant `C` to divide the scores by (and the floor by `C^p`)
+            instead of the data-dependent max: the polynomial form's way to keep `x^p` in range.
+            Given, it replaces `stable_scaling`.
 
     Returns:
         The attention weights, same shape as `scores`, non-negative, zero on masked keys.
@@ -71,7 +75,12 @@ def power_softmax(
     keep = None if mask is None else mask.to(x.dtype)
 
     floor = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
-    if stable_scaling:
+    if score_scale is not None:
+        if not score_scale > 0:
+            raise ValueError(f"score_scale must be > 0, got {score_scale}")
+        x = x * (1.0 / score_scale)
+        floor = floor * (1.0 / score_scale) ** power
+    elif stable_scaling:
         # c depends on the scores but the function does not (it is homogeneous of degree 0 once the
         # floor is rescaled too), so c carries no gradient.
         magnitude = x.abs() if keep is None else x.abs() * keep
@@ -83,7 +92,11 @@ def power_softmax(
     total = numerator.sum(dim=-1, keepdim=True)
     if form == "sum":
         return numerator * reciprocal(floor + total)
-    length = torch.full_like(total, scores.shape[-1]) if keep is None else keep.expand_as(x).sum(-1, keepdim=True)
+    # Built from shapes and the mask only: the row lengths are public, never derived from the scores.
+    if keep is None:
+        length = torch.full(total.shape, float(x.shape[-1]), dtype=x.dtype, device=x.device)
+    else:
+        length = keep.expand(x.shape).sum(-1, keepdim=True)
     inv_length = exact_reciprocal(length)  # public: positions and padding are known to both sides
     return numerator * (reciprocal(floor + total * inv_length) * inv_length)
 
@@ -117,12 +130,13 @@ def power_softmax_attention_forward(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
-    reciprocal: Reciprocal | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention-interface entry point: `(b, h, q, d)` queries, `(b, h_kv, k, d)` keys/values.
 
     Grouped KV heads are handled by reshaping the queries into groups rather than repeating K/V.
+    A module may carry `reciprocal` (the normaliser's 1/x), `score_probe` (sees the scores) and
+    `score_scale` (a static score scale): PolyAttn's attention does, for its polynomial form.
     Returns the output as `(b, q, h, d)` and the weights as `(b, h, q, k)`, like transformers'
     eager attention.
     """
@@ -137,6 +151,11 @@ def power_softmax_attention_forward(
 
     grouped_query = query.reshape(batch, kv_heads, groups, q_len, head_dim)
     scores = torch.matmul(grouped_query, key.unsqueeze(2).transpose(-1, -2)) * scaling
+    # A PolyAttn attention module carries its polynomial-form pieces; stock modules run exact.
+    score_probe = getattr(module, "score_probe", None)
+    if score_probe is not None:
+        scores = score_probe(scores)
+    score_scale = getattr(module, "score_scale", None)
     causal = getattr(module, "is_causal", True)
     keep = _keep_mask(attention_mask, q_len, kv_len, query.device, causal).unsqueeze(2)  # (b|1, 1, 1, q, k)
     weights = power_softmax(
@@ -147,7 +166,8 @@ def power_softmax_attention_forward(
         form=params["attn_form"],
         stable_scaling=params["attn_stable_scaling"],
         scale_delta=params["attn_scale_delta"],
-        reciprocal=reciprocal or exact_reciprocal,
+        reciprocal=getattr(module, "reciprocal", exact_reciprocal),
+        score_scale=score_scale,
     ).to(value.dtype)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     output = torch.matmul(weights, value.unsqueeze(2))  # (b, h_kv, g, q, d)

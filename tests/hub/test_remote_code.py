@@ -6,10 +6,21 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from hf_polyattn.hub import AUTO_MAP, enable_remote_code
-from tests.helpers import left_padded_batch, tiny_model
+from tests.helpers import left_padded_batch, random_ids, tiny_model
+
+# modeling_polyattn.py and every same-folder module it imports, flattened next to the weights
+CODE_FILES = (
+    "modeling_polyattn.py",
+    "configuration_polyattn.py",
+    "power_softmax.py",
+    "polynomial.py",
+    "polynomial_form.py",
+    "calibration.py",
+)
 
 REMOTE_LOAD = textwrap.dedent(
     """
@@ -31,6 +42,7 @@ REMOTE_LOAD = textwrap.dedent(
         "config": type(config).__module__ + "." + type(config).__name__,
         "model": type(model).__module__ + "." + type(model).__name__,
         "base": type(base).__name__,
+        "polynomial": model.is_polynomial,
         "tokens": tokens.tolist(),
     }))
     """
@@ -43,12 +55,16 @@ def test_save_writes_auto_map_and_code(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"] == AUTO_MAP
     assert set(AUTO_MAP) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
-    for name in ("modeling_polyattn.py", "configuration_polyattn.py", "power_softmax.py"):
+    for name in CODE_FILES:
         assert (tmp_path / name).is_file(), name
 
 
-def test_remote_code_load_in_fresh_process_generates_the_same_tokens(tmp_path):
-    model = enable_remote_code(tiny_model())
+@pytest.mark.parametrize("polynomial", [False, True], ids=["exact", "polynomial"])
+def test_remote_code_load_in_fresh_process_generates_the_same_tokens(tmp_path, polynomial):
+    model = tiny_model()
+    if polynomial:
+        model.to_polynomial(calibration_data=[random_ids(4, 16, seed=s) for s in range(3)], progress=False)
+    enable_remote_code(model)
     model.save_pretrained(tmp_path / "model")
     ids, mask = left_padded_batch([7, 4])
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -68,4 +84,5 @@ def test_remote_code_load_in_fresh_process_generates_the_same_tokens(tmp_path):
     assert loaded["config"].startswith("transformers_modules.") and loaded["config"].endswith("PolyAttnConfig")
     assert loaded["model"].startswith("transformers_modules.") and loaded["model"].endswith("PolyAttnForCausalLM")
     assert loaded["base"] == "PolyAttnModel"
+    assert loaded["polynomial"] is polynomial
     assert torch.equal(torch.tensor(loaded["tokens"]), expected)

@@ -1,0 +1,1 @@
+"""Measuring models: exact vs polynomial fidelity (benchmarks and probes to come)."""

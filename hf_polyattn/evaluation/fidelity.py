@@ -1,0 +1,38 @@
+"""How far the polynomial form is from the exact model on given text."""
+
+import math
+
+import torch
+from transformers.utils.logging import tqdm
+
+
+@torch.no_grad()
+def polynomial_fidelity(model, blocks: torch.Tensor, batch_size: int = 16, progress: bool = False) -> dict[str, float]:
+    """Exact vs polynomial form (the model's current polynomial description) over token `blocks`.
+
+    Returns perplexity in both forms, next-token top-1 agreement, and max / mean |Δlogit|. The
+    model must have been put in polynomial form once (`to_polynomial`); it is left in that form.
+    """
+    if not model.config.polynomial:
+        raise ValueError("the model has no polynomial description: call model.to_polynomial(...) first")
+    if blocks.ndim != 2 or blocks.shape[1] < 2:
+        raise ValueError(f"blocks must be (n, length >= 2) token ids, got shape {tuple(blocks.shape)}")
+    sums = {"exact_nll": 0.0, "poly_nll": 0.0, "agree": 0, "max_dlogit": 0.0, "sum_dlogit": 0.0}
+    for batch in tqdm(blocks.split(batch_size), desc="exact vs polynomial", disable=not progress):
+        exact = model.to_exact()(batch, labels=batch)
+        poly = model.to_polynomial(progress=False)(batch, labels=batch)
+        predicted = batch[:, 1:].numel()
+        sums["exact_nll"] += float(exact.loss) * predicted
+        sums["poly_nll"] += float(poly.loss) * predicted
+        sums["agree"] += int((exact.logits.argmax(-1) == poly.logits.argmax(-1)).sum())
+        delta = (exact.logits - poly.logits).abs()
+        sums["max_dlogit"] = max(sums["max_dlogit"], float(delta.max()))
+        sums["sum_dlogit"] += float(delta.mean()) * batch.numel()
+    predicted = blocks.shape[0] * (blocks.shape[1] - 1)
+    return {
+        "ppl_exact": math.exp(sums["exact_nll"] / predicted),
+        "ppl_poly": math.exp(sums["poly_nll"] / predicted),
+        "top1_agreement": sums["agree"] / blocks.numel(),
+        "max_dlogit": sums["max_dlogit"],
+        "mean_dlogit": sums["sum_dlogit"] / blocks.numel(),
+    }
