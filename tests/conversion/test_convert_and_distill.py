@@ -1,5 +1,7 @@
 """Llama-family checkpoints convert by a lossless copy; distillation lowers the KL to the teacher."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,7 +35,7 @@ def test_weight_map_loses_nothing_and_matches_stock_power_softmax(tie):
     with torch.no_grad():
         reference = source(ids, attention_mask=mask).logits
         # converted weights back in the stock class: the source logits, exactly
-        back = LlamaForCausalLM(source.config).eval()
+        back = LlamaForCausalLM(copy.deepcopy(source.config)).eval()
         back.load_state_dict(converted.state_dict())
         assert torch.equal(back(ids, attention_mask=mask).logits, reference)
         # the stock class with Power-Softmax is the PolyAttn model
