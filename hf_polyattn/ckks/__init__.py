@@ -1,0 +1,23 @@
+"""CKKS (TenSEAL) backend: the client holds the secret key, the server evaluates on ciphertexts.
+
+TenSEAL stays behind this package's small interface (`CKKSClient`, `CKKSServer`, `Cipher`, a
+`Refresher` strategy), so a backend with bootstrapping can be added later.
+"""
+
+from .cipher import Cipher, CipherEngine
+from .client import CKKSClient
+from .params import CKKSParameters
+from .profiler import LatencyProfiler
+from .refresh import ClientRoundTrip, Refresher
+from .server import CKKSServer
+
+__all__ = [
+    "CKKSClient",
+    "CKKSParameters",
+    "CKKSServer",
+    "Cipher",
+    "CipherEngine",
+    "ClientRoundTrip",
+    "LatencyProfiler",
+    "Refresher",
+]

@@ -1,0 +1,160 @@
+"""`Cipher`: an encrypted vector with +, -, ×, matmul, refreshed when its levels run out.
+
+The polynomial circuits of `hf_polyattn.modeling.polynomial` are written with +, - and ×
+alone, so they run on `Cipher`s unchanged: the server evaluates exactly the plaintext circuit.
+"""
+
+from numbers import Real
+
+import numpy as np
+import tenseal as ts
+
+from .client import key_id, untag
+from .profiler import LatencyProfiler
+from .refresh import Refresher
+
+
+class DepthExceededError(RuntimeError):
+    """A multiplication needs a level that is not there and refreshing is not allowed."""
+
+
+class CipherEngine:
+    """What every `Cipher` of one server shares: the public context, the refresh strategy, the
+    profiler, and the level accounting."""
+
+    def __init__(
+        self,
+        public_context: bytes,
+        refresher: Refresher | None,
+        profiler: LatencyProfiler | None = None,
+    ):
+        context = ts.context_from(public_context)
+        if context.is_private():
+            raise ValueError("the server's context holds a secret key: give it CKKSClient.public_context() only")
+        self.context = context
+        self.key_id = key_id(public_context)
+        self.refresher = refresher
+        self.profiler = profiler or LatencyProfiler()
+        self._context_data = context.seal_context().data
+        self.top_level = self._context_data.first_context_data().chain_index()
+        self.levels_consumed = 0  # every level any ciphertext used up (what the planner predicts)
+
+    def level(self, vector: ts.CKKSVector) -> int:
+        """Multiplications `vector` can still take."""
+        return self._context_data.get_context_data(vector.ciphertext()[0].parms_id()).chain_index()
+
+    def load(self, ciphertext: bytes) -> "Cipher":
+        with self.profiler.op("serialization"):
+            payload = untag(ciphertext, self.key_id)
+            try:
+                vector = ts.ckks_vector_from(self.context, payload)
+            except Exception as error:  # noqa: BLE001  (TenSEAL raises bare errors on bad bytes)
+                raise ValueError(f"not a ciphertext of this context: {error}") from error
+        return Cipher(vector, self)
+
+    def encrypt_public(self, values) -> "Cipher":
+        """Encrypt public values (a mask, a constant vector) with the public key."""
+        with self.profiler.op("encrypt"):
+            return Cipher(ts.ckks_vector(self.context, np.asarray(values, dtype=np.float64).tolist()), self)
+
+    def refresh(self, cipher: "Cipher") -> "Cipher":
+        if self.refresher is None:
+            raise DepthExceededError(
+                "a multiplication needs one more level than the ciphertext has and refreshing is disabled: "
+                "use a larger ring (more levels) or enable refreshes"
+            )
+        return Cipher(self.refresher(cipher.vector, self.profiler), self)
+
+
+class Cipher:
+    """An encrypted vector. Operands: other `Cipher`s of the same size, or Python numbers.
+
+    Plain lists and arrays are refused: TenSEAL zero-pads them across the slots (issue #462)
+    and a later matmul is silently wrong; fold them into a matmul or encrypt them.
+    """
+
+    __slots__ = ("vector", "engine")
+
+    def __init__(self, vector: ts.CKKSVector, engine: CipherEngine):
+        self.vector = vector
+        self.engine = engine
+
+    @property
+    def size(self) -> int:
+        return self.vector.size()
+
+    @property
+    def level(self) -> int:
+        return self.engine.level(self.vector)
+
+    def _fresh_enough(self) -> "Cipher":
+        return self.engine.refresh(self) if self.level == 0 else self
+
+    def _check(self, other) -> None:
+        if isinstance(other, Cipher):
+            if other.engine is not self.engine:
+                raise ValueError("ciphertexts of different contexts cannot be combined")
+            if other.size != self.size:
+                raise ValueError(f"size mismatch: {self.size} vs {other.size} (use matmul to reduce or broadcast)")
+        elif not isinstance(other, Real):
+            raise TypeError(
+                f"Cipher combines with Ciphers or numbers, not {type(other).__name__} "
+                "(TenSEAL zero-pads plain vectors, issue #462)"
+            )
+
+    def _multiply(self, other) -> "Cipher":
+        self._check(other)
+        a = self._fresh_enough()
+        profiler = self.engine.profiler
+        if isinstance(other, Cipher):
+            b = other._fresh_enough()
+            with profiler.op("ct×ct mult"):
+                vector = a.vector * b.vector
+        else:
+            with profiler.op("ct×pt mult"):
+                vector = a.vector * float(other)
+        self.engine.levels_consumed += 1
+        return Cipher(vector, self.engine)
+
+    def _add(self, other, sign: float = 1.0) -> "Cipher":
+        self._check(other)
+        with self.engine.profiler.op("add"):
+            if isinstance(other, Cipher):
+                vector = self.vector + other.vector if sign > 0 else self.vector - other.vector
+            else:
+                vector = self.vector + float(sign * other)
+        return Cipher(vector, self.engine)
+
+    def __mul__(self, other):
+        return self._multiply(other)
+
+    __rmul__ = __mul__
+
+    def __add__(self, other):
+        return self._add(other)
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        return self._add(other, -1.0)
+
+    def __rsub__(self, other):
+        return (-self)._add(other)
+
+    def __neg__(self):
+        with self.engine.profiler.op("add"):
+            return Cipher(-self.vector, self.engine)
+
+    def matmul(self, matrix: list[list[float]]) -> "Cipher":
+        """`self @ matrix` for a plaintext `(size × n)` matrix given as nested lists."""
+        if len(matrix) != self.size:
+            raise ValueError(f"matmul of a size-{self.size} vector with a {len(matrix)}-row matrix")
+        a = self._fresh_enough()
+        with self.engine.profiler.op("pt×ct matmul"):
+            vector = a.vector.matmul(matrix)
+        self.engine.levels_consumed += 1
+        return Cipher(vector, self.engine)
+
+    def serialize(self) -> bytes:
+        with self.engine.profiler.op("serialization"):
+            return self.engine.key_id + self.vector.serialize()

@@ -1,0 +1,62 @@
+"""CKKS parameter sets, refused below 128-bit security unless an insecure test mode is asked for."""
+
+from dataclasses import dataclass, field
+
+# Largest total coefficient-modulus size (bits) for 128-bit classical security (HE standard,
+# as enforced by SEAL) per ring degree.
+MAX_COEFF_MODULUS_BITS_128 = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
+
+
+@dataclass(frozen=True)
+class CKKSParameters:
+    """Ring degree, modulus chain and scale of a CKKS context.
+
+    `levels` multiplications fit between two refreshes: the chain is
+    `[first, scale × levels, last]` bits. Values must stay below `2^(first - scale_bits)` in
+    magnitude, and are precise to about `2^-(scale_bits - log2(N) - 5)` in absolute terms.
+    """
+
+    poly_modulus_degree: int = 8192
+    levels: int = 2
+    scale_bits: int = 40
+    first_bits: int = 60
+    insecure: bool = False
+    coeff_mod_bit_sizes: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self):
+        if self.poly_modulus_degree not in MAX_COEFF_MODULUS_BITS_128:
+            raise ValueError(
+                f"poly_modulus_degree must be one of {sorted(MAX_COEFF_MODULUS_BITS_128)}, got {self.poly_modulus_degree}"
+            )
+        if self.levels < 1:
+            raise ValueError(f"levels must be >= 1, got {self.levels}")
+        if not 20 <= self.scale_bits < self.first_bits <= 60:
+            raise ValueError(f"need 20 <= scale_bits < first_bits <= 60, got {self.scale_bits}, {self.first_bits}")
+        chain = (self.first_bits, *([self.scale_bits] * self.levels), self.first_bits)
+        object.__setattr__(self, "coeff_mod_bit_sizes", chain)
+        limit = MAX_COEFF_MODULUS_BITS_128[self.poly_modulus_degree]
+        if sum(chain) > limit and not self.insecure:
+            raise ValueError(
+                f"{sum(chain)} modulus bits at N={self.poly_modulus_degree} is below 128-bit security "
+                f"(at most {limit} bits): lower levels or scale_bits, raise poly_modulus_degree, or pass "
+                "insecure=True for a test that says so"
+            )
+
+    @property
+    def slots(self) -> int:
+        return self.poly_modulus_degree // 2
+
+    @property
+    def max_magnitude(self) -> float:
+        """Values beyond this overflow the last modulus."""
+        return 2.0 ** (self.first_bits - self.scale_bits - 1)
+
+    @property
+    def security(self) -> str:
+        limit = MAX_COEFF_MODULUS_BITS_128[self.poly_modulus_degree]
+        return "128-bit" if sum(self.coeff_mod_bit_sizes) <= limit else "INSECURE (test mode)"
+
+    @classmethod
+    def max_levels(cls, poly_modulus_degree: int, scale_bits: int = 40, first_bits: int = 60) -> int:
+        """The most levels a 128-bit secure chain of this ring degree holds."""
+        return (MAX_COEFF_MODULUS_BITS_128[poly_modulus_degree] - 2 * first_bits) // scale_bits

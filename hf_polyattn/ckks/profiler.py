@@ -1,0 +1,78 @@
+"""Latency profiler: every encrypted operation timed and counted by kind."""
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+# Kinds that keep their own name inside a step (a refresh inside the reciprocal is a refresh).
+OWN_KINDS = ("refresh", "encrypt", "decrypt", "serialization")
+
+
+class LatencyProfiler:
+    """Seconds and counts per operation kind, and seconds per scope (e.g. `layer 0`).
+
+    Basic operations ("pt×ct matmul", "ct×ct mult", "ct×pt mult", "add") are booked under the
+    step they belong to when one is open (`with profiler.step("reciprocal")`: the paper's
+    breakdown), refreshes and (de)serialisation always under their own name.
+    """
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+        self.op_counts: dict[str, int] = defaultdict(int)  # every basic op by its own kind
+        self.scope_seconds: dict[str, float] = defaultdict(float)
+        self.bytes = {"to_client": 0, "to_server": 0}
+        self.refreshes = 0
+        self._step: str | None = None
+        self._scope = "model"
+        self._depth = 0
+
+    @contextmanager
+    def op(self, kind: str):
+        booked = kind if kind in OWN_KINDS or self._step is None else self._step
+        self.op_counts[kind] += 1
+        start = time.perf_counter()
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0:  # a refresh runs ops of its own: count the outermost only
+                elapsed = time.perf_counter() - start
+                self.seconds[booked] += elapsed
+                self.scope_seconds[self._scope] += elapsed
+                self.counts[booked] += 1
+
+    @contextmanager
+    def step(self, name: str):
+        previous, self._step = self._step, name
+        try:
+            yield
+        finally:
+            self._step = previous
+
+    @contextmanager
+    def scope(self, name: str):
+        previous, self._scope = self._scope, name
+        try:
+            yield
+        finally:
+            self._scope = previous
+
+    @property
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+    def table(self) -> str:
+        """The breakdown as a Markdown table, largest first."""
+        total = self.total or 1.0
+        lines = ["| operation | count | seconds | share |", "|---|---|---|---|"]
+        for kind, seconds in sorted(self.seconds.items(), key=lambda kv: -kv[1]):
+            lines.append(f"| {kind} | {self.counts[kind]} | {seconds:.3f} | {100 * seconds / total:.1f} % |")
+        lines.append(f"| **total** | | {self.total:.3f} | 100 % |")
+        lines.append("")
+        lines.append(
+            f"refreshes {self.refreshes}; bytes to the client {self.bytes['to_client']:,}, "
+            f"to the server {self.bytes['to_server']:,}"
+        )
+        return "\n".join(lines)

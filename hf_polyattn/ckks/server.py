@@ -1,0 +1,232 @@
+"""The server: a PolyAttn model in polynomial form evaluated on ciphertexts, token by token.
+
+Packing (one token at a time, as in generation): a token's hidden state is one ciphertext of `d`
+slots. Every linear step is a plaintext-matrix × ciphertext product (TenSEAL's `matmul`, one
+level), with what is public folded into the matrices:
+
+- the norm weights `γ` into the next projection; RoPE of position `t` into `W_q` / `W_k` (a
+  block-diagonal rotation, positions are public); `1/sqrt(head_dim)` and the score scale
+  `1/C` into `W_q`; grouped KV heads into `W_k` / `W_v` (each KV head copied to its query heads).
+- the norm's mean and the head sums of `q ⊙ k` into small summing matrices, their broadcasts
+  back into expansion matrices.
+
+Attention of query `t` runs over the encrypted K/V of tokens `≤ t` kept from earlier steps
+(the encrypted KV cache), so a token costs one incremental step. Per layer and token: 3 + 4
+matmuls for the projections and MLP, 2·(t+1) matmuls and 2·(t+1) ct×ct products for scores and
+AV, and the approximations of `hf_polyattn.modeling.polynomial` evaluated on the ciphertexts.
+"""
+
+import math
+
+import numpy as np
+import torch
+
+from .cipher import Cipher, CipherEngine
+from .profiler import LatencyProfiler
+from .refresh import Refresher
+
+
+def _rope_matrix(cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """`R` with `x @ R = x·cos + rotate_half(x)·sin` for one head (transformers' Llama RoPE)."""
+    dim = cos.shape[0]
+    half = dim // 2
+    rotation = np.diag(cos)
+    for i in range(half):
+        rotation[i + half, i] = -sin[i]
+        rotation[i, i + half] = sin[i + half]
+    return rotation
+
+
+class EncryptedLayer:
+    """The plaintext matrices of one decoder layer, in the shapes the packing needs."""
+
+    def __init__(self, layer, config, model_rotary):
+        attention = layer.self_attn
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = attention.head_dim
+        group = self.heads // self.kv_heads
+        width = self.heads * self.head_dim
+
+        def weight(linear) -> np.ndarray:
+            return linear.weight.detach().double().numpy().T  # (in, out)
+
+        gamma1 = layer.input_layernorm.weight.detach().double().numpy()[:, None]
+        gamma2 = layer.post_attention_layernorm.weight.detach().double().numpy()[:, None]
+        expand_kv = np.zeros((self.kv_heads * self.head_dim, width))
+        for head in range(self.heads):
+            kv = head // group
+            expand_kv[kv * self.head_dim : (kv + 1) * self.head_dim, head * self.head_dim : (head + 1) * self.head_dim] = np.eye(self.head_dim)
+        self.score_factor = attention.scaling / attention.score_scale
+        self.wq = gamma1 * weight(attention.q_proj)
+        self.wk = gamma1 * weight(attention.k_proj)
+        self.wv = (gamma1 * weight(attention.v_proj)) @ expand_kv
+        self.expand_kv = expand_kv
+        self.wo = weight(attention.o_proj).tolist()
+        self.wgate = (gamma2 * weight(layer.mlp.gate_proj)).tolist()
+        self.wup = (gamma2 * weight(layer.mlp.up_proj)).tolist()
+        self.wdown = weight(layer.mlp.down_proj).tolist()
+        self.head_sum = np.kron(np.eye(self.heads), np.ones((self.head_dim, 1))).tolist()
+        self.head_expand = np.kron(np.eye(self.heads), np.ones((1, self.head_dim))).tolist()
+        self.wv = self.wv.tolist()
+        self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
+        self.reciprocal = attention.reciprocal.approximation
+        self.activation = layer.mlp.act_fn.approximation
+        self.power = config.attn_power
+        self.mean_form = config.attn_form == "mean"
+        self.floor = config.attn_eps / attention.score_scale**config.attn_power
+        self._rotary = model_rotary
+        self._per_position: dict[int, tuple] = {}
+
+    def projections_at(self, position: int) -> tuple[list, list]:
+        """`W_q`, `W_k` with RoPE of `position` (and the score scaling) folded in."""
+        if position not in self._per_position:
+            dummy = torch.zeros(1, 1, self.head_dim, dtype=torch.float64)
+            cos, sin = self._rotary(dummy, position_ids=torch.tensor([[position]]))
+            rope = _rope_matrix(cos[0, 0].double().numpy(), sin[0, 0].double().numpy())
+            wq = self.wq @ np.kron(np.eye(self.heads), rope) * self.score_factor
+            wk = self.wk @ np.kron(np.eye(self.kv_heads), rope) @ self.expand_kv
+            self._per_position[position] = (wq.tolist(), wk.tolist())
+        return self._per_position[position]
+
+
+class CKKSServer:
+    """Evaluates a polynomial-form PolyAttn model on ciphertexts; holds only public keys.
+
+    Args:
+        model: a `PolyAttnForCausalLM` in calibrated polynomial form (its plaintext twin).
+        public_context: `CKKSClient.public_context()`; a context with a secret key is refused.
+        refresher: how exhausted ciphertexts are refreshed (e.g. `ClientRoundTrip(client)`);
+            `None` forbids refreshing (then a model deeper than the ring fails before starting).
+        lm_head: return encrypted logits (`True`) or the encrypted final hidden state.
+        max_tokens: the longest sequence a session accepts (the KV cache grows with it).
+    """
+
+    def __init__(
+        self,
+        model,
+        public_context: bytes,
+        refresher: Refresher | None = None,
+        profiler: LatencyProfiler | None = None,
+        lm_head: bool = True,
+        max_tokens: int = 64,
+    ):
+        config = model.config
+        if not getattr(model, "is_polynomial", False):
+            raise ValueError("the server runs the polynomial form: call model.to_polynomial(calibration_data=...) first")
+        if not config.polynomial.get("calibrated"):
+            raise ValueError("the model's polynomial domains were never calibrated: run to_polynomial(calibration_data=...)")
+        self.engine = CipherEngine(public_context, refresher, profiler)
+        self.config = config
+        self.max_tokens = max_tokens
+        base = model.model
+        self.layers = [EncryptedLayer(layer, config, base.rotary_emb) for layer in base.layers]
+        self.final_norm = base.norm
+        gamma = base.norm.weight.detach().double().numpy()[:, None]
+        self.head = (gamma * model.lm_head.weight.detach().double().numpy().T).tolist() if lm_head else None
+        self._check_budget()
+        self.reset()
+
+    @property
+    def profiler(self) -> LatencyProfiler:
+        return self.engine.profiler
+
+    def _check_budget(self) -> None:
+        """Refuse, before any ciphertext exists, what the ring cannot carry."""
+        limit = 2.0 ** (self.engine.context.seal_context().data.last_context_data().total_coeff_modulus_bit_count() - math.log2(self.engine.context.global_scale) - 2)
+        for index, layer in enumerate(self.layers):
+            low = layer.reciprocal.domain[0]
+            if 1.0 / low > limit:
+                raise ValueError(
+                    f"layer {index}: 1/x on [{low:.3g}, ...] reaches {1 / low:.3g}, beyond what this ring holds "
+                    f"(~{limit:.3g}); raise attn_eps or the ring's first prime"
+                )
+        if self.engine.refresher is None:
+            needed = max(
+                op.depth
+                for layer in self.layers
+                for op in (layer.reciprocal, layer.activation, layer.norm1.inv_sqrt.approximation)
+            )
+            if needed > self.engine.top_level:
+                raise ValueError(
+                    f"the model needs {needed} levels in one approximation but the ring has {self.engine.top_level} "
+                    "and refreshing is disabled"
+                )
+
+    def reset(self) -> None:
+        """Start a new sequence: drop the encrypted KV cache."""
+        self.keys: list[list[Cipher]] = [[] for _ in self.layers]
+        self.values: list[list[Cipher]] = [[] for _ in self.layers]
+
+    @property
+    def position(self) -> int:
+        return len(self.keys[0])
+
+    def _norm(self, x: Cipher, norm) -> Cipher:
+        with self.profiler.step("norm"):
+            size = x.size
+            mean = (x * x).matmul([[1.0 / size] for _ in range(size)])
+            inv = norm.inv_sqrt.approximation.circuit(mean + norm.variance_epsilon)
+            return x * inv.matmul([[1.0] * size])
+
+    def _attention(self, index: int, layer: EncryptedLayer, y: Cipher) -> Cipher:
+        wq, wk = layer.projections_at(self.position)
+        with self.profiler.step("pt×ct matmul"):
+            q, k, v = y.matmul(wq), y.matmul(wk), y.matmul(layer.wv)
+        self.keys[index].append(k)
+        self.values[index].append(v)
+        with self.profiler.step("ct×ct matmul"):
+            scores = [(q * key).matmul(layer.head_sum) for key in self.keys[index]]
+        with self.profiler.step("power-softmax"):
+            powers = [_power(s, layer.power) for s in scores]
+            total = powers[0]
+            for term in powers[1:]:
+                total = total + term
+            if layer.mean_form:
+                total = total * (1.0 / len(powers))
+        with self.profiler.step("reciprocal"):
+            inverse = layer.reciprocal.circuit(total + layer.floor)
+            if layer.mean_form:
+                inverse = inverse * (1.0 / len(powers))
+        with self.profiler.step("ct×ct matmul"):
+            out = None
+            for term, value in zip(powers, self.values[index]):
+                weighted = (term * inverse).matmul(layer.head_expand) * value
+                out = weighted if out is None else out + weighted
+        with self.profiler.step("pt×ct matmul"):
+            return out.matmul(layer.wo)
+
+    def step(self, embedding: bytes) -> bytes:
+        """One token: its encrypted embedding in, encrypted logits (or final hidden state) out."""
+        if self.position >= self.max_tokens:
+            raise ValueError(f"the sequence is longer than max_tokens={self.max_tokens}; reset() or raise the limit")
+        hidden = self.engine.load(embedding)
+        if hidden.size != self.config.hidden_size:
+            raise ValueError(f"an embedding of size {hidden.size} for a model of hidden size {self.config.hidden_size}")
+        for index, layer in enumerate(self.layers):
+            with self.profiler.scope(f"layer {index}"):
+                hidden = hidden + self._attention(index, layer, self._norm(hidden, layer.norm1))
+                y = self._norm(hidden, layer.norm2)
+                with self.profiler.step("pt×ct matmul"):
+                    gate, up = y.matmul(layer.wgate), y.matmul(layer.wup)
+                with self.profiler.step("activation"):
+                    activated = layer.activation.circuit(gate)
+                with self.profiler.step("pt×ct matmul"):
+                    hidden = hidden + (activated * up).matmul(layer.wdown)
+        with self.profiler.scope("head"):
+            out = self._norm(hidden, self.final_norm)
+            if self.head is not None:
+                with self.profiler.step("pt×ct matmul"):
+                    out = out.matmul(self.head)
+        return out.serialize()
+
+
+def _power(x: Cipher, power: int) -> Cipher:
+    """`x^power` for an even power by repeated squaring (depth ceil(log2 p))."""
+    result, base, exponent = None, x, power
+    while exponent:
+        if exponent & 1:
+            result = base if result is None else result * base
+        exponent >>= 1
+        if exponent:
+            base = base * base
+    return result

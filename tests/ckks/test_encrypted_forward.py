@@ -1,0 +1,69 @@
+"""A whole PolyAttn model evaluated on ciphertexts decrypts to its plaintext polynomial twin."""
+
+import numpy as np
+import pytest
+import torch
+
+from hf_polyattn.ckks import CKKSClient, CKKSServer, ClientRoundTrip
+from hf_polyattn.ckks.session import encrypted_logits
+from tests.helpers import random_ids, tiny_model
+
+
+def polynomial_tiny(**overrides):
+    # attn_eps keeps 1/x of the attention normaliser inside what a 60/40-bit ring holds
+    model = tiny_model(attn_eps=1e-2, **overrides)
+    return model.to_polynomial(calibration_data=[random_ids(4, 16, seed=s) for s in range(4)], progress=False)
+
+
+@pytest.fixture(scope="module")
+def client():
+    return CKKSClient()
+
+
+def check_against_plaintext(model, client, ids):
+    server = CKKSServer(model, client.public_context(), ClientRoundTrip(client, seed=0))
+    encrypted = encrypted_logits(model, client, server, ids)
+    with torch.no_grad():
+        plain = model(ids).logits[0].double().numpy()
+    scale = np.abs(plain).max()
+    assert np.abs(encrypted - plain).max() <= 1e-2 * scale, (np.abs(encrypted - plain).max(), scale)
+    assert (encrypted.argmax(-1) == plain.argmax(-1)).all()
+    return server
+
+
+def test_one_layer_gqa_model_over_ciphertexts(client):
+    model = polynomial_tiny(num_hidden_layers=1)  # 4 query heads over 2 KV heads
+    server = check_against_plaintext(model, client, random_ids(1, 4, seed=11))
+    assert server.profiler.refreshes > 0
+    assert "refresh" in server.profiler.table() and "reciprocal" in server.profiler.table()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["sum", "mean"])
+def test_two_layer_model_over_ciphertexts(client, form):
+    model = polynomial_tiny(num_hidden_layers=2, attn_form=form, num_key_value_heads=4)
+    check_against_plaintext(model, client, random_ids(1, 6, seed=12))
+
+
+def test_bad_inputs_fail_before_any_long_computation(client):
+    model = polynomial_tiny(num_hidden_layers=1)
+    public = client.public_context()
+    with pytest.raises(ValueError, match="polynomial form"):
+        CKKSServer(tiny_model(), public)
+    with pytest.raises(ValueError, match="never calibrated"):
+        CKKSServer(tiny_model().to_polynomial(check_domain=False), public)
+    with pytest.raises(ValueError, match="refreshing is disabled"):
+        CKKSServer(model, public, refresher=None)
+    with pytest.raises(ValueError, match="secret key"):
+        CKKSServer(model, client._context.serialize(save_secret_key=True))
+    narrow = tiny_model(attn_eps=1e-9, num_hidden_layers=1)
+    narrow.to_polynomial(calibration_data=[random_ids(4, 16, seed=s) for s in range(4)], progress=False)
+    with pytest.raises(ValueError, match="beyond what this ring holds"):
+        CKKSServer(narrow, public, ClientRoundTrip(client))
+    server = CKKSServer(model, public, ClientRoundTrip(client), max_tokens=3)
+    with pytest.raises(ValueError, match="max_tokens=3"):
+        encrypted_logits(model, client, server, random_ids(1, 4))
+    with pytest.raises(ValueError, match="hidden size 32"):
+        server.step(client.encrypt(np.zeros(16)))
+    with pytest.raises(ValueError, match="key id differs"):
+        server.step(CKKSClient().encrypt(np.zeros(32)))

@@ -1,0 +1,136 @@
+"""Key separation, masked refresh, and the arithmetic guards of `Cipher`."""
+
+import os
+import tempfile
+
+import numpy as np
+import pytest
+import tenseal as ts
+
+from hf_polyattn.ckks import CKKSClient, CKKSParameters, ClientRoundTrip
+from hf_polyattn.ckks.cipher import CipherEngine, DepthExceededError
+from hf_polyattn.modeling.polynomial import ChebyshevApproximation, InverseSqrtApproximation, ReciprocalApproximation
+
+
+@pytest.fixture(scope="module")
+def client():
+    return CKKSClient(CKKSParameters(poly_modulus_degree=8192, levels=2))
+
+
+@pytest.fixture
+def engine(client):
+    return CipherEngine(client.public_context(), ClientRoundTrip(client, seed=0))
+
+
+def secret_key_bytes(client) -> bytes:
+    path = tempfile.mktemp()
+    client._context.secret_key().data.save(path)
+    data = open(path, "rb").read()
+    os.remove(path)
+    return data
+
+
+def test_the_server_side_holds_no_secret_key(client, engine):
+    public = client.public_context()
+    ciphertext = client.encrypt([1.5, -2.0, 3.25])
+    secret = secret_key_bytes(client)
+    chunks = [secret[i : i + 64] for i in range(64, len(secret) - 64, len(secret) // 16)]
+    # positive control: the chunks are found where the secret key is
+    private = client._context.serialize(save_secret_key=True, save_galois_keys=False)
+    assert all(chunk in private for chunk in chunks)
+    # ... and found in nothing the server receives
+    for received in (public, ciphertext):
+        assert not any(chunk in received for chunk in chunks)
+    server_context = ts.context_from(public)
+    assert not server_context.is_private()
+    with pytest.raises(ValueError, match="secret_key"):
+        ts.ckks_vector_from(server_context, ciphertext[16:]).decrypt()
+    # the engine refuses a context with a secret key
+    with pytest.raises(ValueError, match="secret key"):
+        CipherEngine(client._context.serialize(save_secret_key=True), None)
+
+
+def test_refresh_restores_levels_and_values_and_the_client_sees_only_masked_values(client, engine):
+    values = np.array([0.5, -1.25, 2.0, 0.125])
+    seen = []
+    original = client.refresh
+
+    def spying_refresh(masked: bytes) -> bytes:
+        seen.append(client.decrypt(masked))
+        return original(masked)
+
+    client.refresh = spying_refresh
+    try:
+        x = engine.load(client.encrypt(values))
+        y = x
+        for _ in range(5):  # 5 squarings of a 2-level ring: at least two refreshes
+            y = y * y
+    finally:
+        client.refresh = original
+    np.testing.assert_allclose(client.decrypt(y.serialize()), values**32, rtol=1e-3, atol=1e-6)
+    assert engine.profiler.refreshes >= 2 and len(seen) == engine.profiler.refreshes
+    for masked in seen:
+        assert np.abs(masked).max() > 100  # masks of magnitude ~2^16, not the small activations
+
+
+def test_plain_vectors_foreign_ciphertexts_and_sizes_are_refused(client, engine):
+    x = engine.load(client.encrypt([1.0, 2.0]))
+    with pytest.raises(TypeError, match="462"):
+        x + [1.0, 2.0]
+    with pytest.raises(TypeError, match="462"):
+        x * np.array([1.0, 2.0])
+    with pytest.raises(ValueError, match="size mismatch"):
+        x * engine.load(client.encrypt([1.0, 2.0, 3.0]))
+    other = CKKSClient(CKKSParameters(poly_modulus_degree=8192, levels=2))
+    foreign_engine = CipherEngine(other.public_context(), None)
+    with pytest.raises(ValueError, match="different contexts"):
+        x + foreign_engine.load(other.encrypt([1.0, 2.0]))
+    # same parameters, other keys: CKKS cannot tell, the key id can
+    with pytest.raises(ValueError, match="key id differs"):
+        engine.load(other.encrypt([1.0, 2.0]))
+    with pytest.raises(ValueError, match="not a ciphertext of this context"):
+        engine.load(client.key_id + b"not a ciphertext")
+
+
+def test_tenseal_plain_list_bug_that_the_guard_exists_for(client):
+    """TenSEAL issue #462: + a plain list, then matmul, is silently wrong. If this starts to
+    pass, the upstream bug is fixed and the guard can be relaxed."""
+    x, bias, weight = np.array([1.0, -2.0, 0.5, 3.0]), np.array([0.1, 0.2, 0.3, 0.4]), np.eye(4)[:, :3] + 0.5
+    vector = ts.ckks_vector(client._context, x.tolist())
+    wrong = np.asarray((vector + bias.tolist()).matmul(weight.tolist()).decrypt())
+    right = np.asarray((vector + ts.ckks_vector(client._context, bias.tolist())).matmul(weight.tolist()).decrypt())
+    np.testing.assert_allclose(right, (x + bias) @ weight, atol=1e-4)
+    assert np.abs(wrong - (x + bias) @ weight).max() > 1e-2
+
+
+def test_depth_beyond_the_ring_without_refresh_raises(client):
+    engine = CipherEngine(client.public_context(), refresher=None)
+    x = engine.load(client.encrypt([0.5]))
+    with pytest.raises(DepthExceededError, match="refreshing is disabled"):
+        (x * x * x) * x
+
+
+@pytest.mark.parametrize(
+    "approximation",
+    [
+        ReciprocalApproximation([0.05, 4.0]),
+        ReciprocalApproximation([0.5, 2.0], method="newton", init_degree=1),
+        InverseSqrtApproximation([0.01, 3.0]),
+        ChebyshevApproximation("silu", 12, [-6.0, 6.0]),
+    ],
+    ids=repr,
+)
+def test_approximation_circuits_run_on_ciphertexts(client, engine, approximation):
+    x = approximation.sweep(64)
+    encrypted = approximation.circuit(engine.load(client.encrypt(x.numpy())))
+    expected = approximation.circuit(x).numpy()
+    np.testing.assert_allclose(client.decrypt(encrypted.serialize()), expected, rtol=1e-3, atol=1e-4)
+
+
+def test_insecure_parameters_are_refused_unless_asked_for():
+    with pytest.raises(ValueError, match="128-bit security"):
+        CKKSParameters(poly_modulus_degree=8192, levels=4)
+    params = CKKSParameters(poly_modulus_degree=8192, levels=4, insecure=True)
+    assert params.security == "INSECURE (test mode)"
+    assert CKKSParameters().security == "128-bit"
+    assert CKKSParameters.max_levels(16384) == 7 and CKKSParameters.max_levels(32768) == 19
