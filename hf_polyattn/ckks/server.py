@@ -202,6 +202,16 @@ class CKKSServer:
         hidden = self.engine.load(embedding)
         if hidden.size != self.config.hidden_size:
             raise ValueError(f"an embedding of size {hidden.size} for a model of hidden size {self.config.hidden_size}")
+        return self._forward(hidden).serialize()
+
+    def plan(self, num_tokens: int) -> dict[str, int]:
+        """Predicted levels consumed and refreshes for `num_tokens` steps, before any ciphertext."""
+        from .planner import plan
+
+        return plan(self, num_tokens)
+
+    def _forward(self, hidden: Cipher) -> Cipher:
+        """The circuit of one token, on `Cipher`s or on the planner's stand-ins."""
         for index, layer in enumerate(self.layers):
             with self.profiler.scope(f"layer {index}"):
                 hidden = hidden + self._attention(index, layer, self._norm(hidden, layer.norm1))
@@ -217,7 +227,7 @@ class CKKSServer:
             if self.head is not None:
                 with self.profiler.step("pt×ct matmul"):
                     out = out.matmul(self.head)
-        return out.serialize()
+        return out
 
 
 def _power(x: Cipher, power: int) -> Cipher:

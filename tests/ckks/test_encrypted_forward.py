@@ -22,7 +22,10 @@ def client():
 
 def check_against_plaintext(model, client, ids):
     server = CKKSServer(model, client.public_context(), ClientRoundTrip(client, seed=0))
+    predicted = server.plan(ids.shape[1])
     encrypted = encrypted_logits(model, client, server, ids)
+    # the planner, run before any ciphertext, predicted exactly what TenSEAL's levels required
+    assert predicted == {"levels_consumed": server.engine.levels_consumed, "refreshes": server.profiler.refreshes}
     with torch.no_grad():
         plain = model(ids).logits[0].double().numpy()
     scale = np.abs(plain).max()

@@ -1,0 +1,112 @@
+"""Where the encrypted time goes: a PolyAttn model evaluated over CKKS (TenSEAL), op by op.
+
+    python benchmarks/ckks_latency.py                                   # tiny models, CPU
+    python benchmarks/ckks_latency.py --configs smollm2-block --tokens 2
+
+For each configuration: encrypted vs plaintext (polynomial form) logits, time per token, the
+planner's prediction vs what was consumed, refreshes and bytes each way, and the per-operation
+breakdown (the paper's table). Writes Markdown to --results and a bar chart next to it.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hf_polyattn import PolyAttnConfig, PolyAttnForCausalLM
+from hf_polyattn.ckks import CKKSClient, CKKSParameters, CKKSServer, ClientRoundTrip
+from hf_polyattn.ckks.session import encrypted_logits
+
+CONFIGS = {
+    "tiny-1L (d=32, 4/2 heads)": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2),
+    "tiny-2L (d=32, 4/2 heads)": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "tiny-2L (d=64, 4/4 heads)": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4),
+    "smollm2-block (d=576, 9/3 heads, 1 layer)": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=1, num_attention_heads=9, num_key_value_heads=3),
+}
+
+
+def build(fields: dict, seed: int = 0) -> PolyAttnForCausalLM:
+    torch.manual_seed(seed)
+    config = PolyAttnConfig(vocab_size=97, initializer_range=0.15, attn_eps=1e-2, max_position_embeddings=256, **fields)
+    model = PolyAttnForCausalLM(config).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    calibration = [torch.randint(3, 97, (4, 16), generator=generator) for _ in range(4)]
+    return model.to_polynomial(calibration_data=calibration, progress=False)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="tiny", help="'tiny', 'smollm2-block', or 'all'")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--ring", type=int, default=8192, help="poly_modulus_degree")
+    parser.add_argument("--results", type=Path, default=Path("benchmarks/results/ckks_latency.md"))
+    args = parser.parse_args(argv)
+    names = [n for n in CONFIGS if args.configs == "all" or n.startswith(args.configs)]
+    params = CKKSParameters(poly_modulus_degree=args.ring, levels=CKKSParameters.max_levels(args.ring))
+    client = CKKSClient(params)
+
+    summary = ["| model | tokens | s / token | max abs Δlogit (logit scale) | argmax equal | levels used (planned) | refreshes (planned) | MB to client / server |",
+               "|---|---|---|---|---|---|---|---|"]
+    breakdowns, chart = [], {}
+    for name in names:
+        model = build(CONFIGS[name])
+        for tokens in args.tokens:
+            ids = torch.randint(3, 97, (1, tokens), generator=torch.Generator().manual_seed(tokens))
+            server = CKKSServer(model, client.public_context(), ClientRoundTrip(client, seed=0), max_tokens=tokens)
+            planned = server.plan(tokens)
+            start = time.perf_counter()
+            encrypted = encrypted_logits(model, client, server, ids)
+            seconds = time.perf_counter() - start
+            with torch.no_grad():
+                plain = model(ids).logits[0].double().numpy()
+            profiler = server.profiler
+            summary.append(
+                f"| {name} | {tokens} | {seconds / tokens:.2f} | {np.abs(encrypted - plain).max():.2e} ({np.abs(plain).max():.2f}) | "
+                f"{bool((encrypted.argmax(-1) == plain.argmax(-1)).all())} | {server.engine.levels_consumed} ({planned['levels_consumed']}) | "
+                f"{profiler.refreshes} ({planned['refreshes']}) | {profiler.bytes['to_client'] / 1e6:.1f} / {profiler.bytes['to_server'] / 1e6:.1f} |"
+            )
+            per_scope = ", ".join(f"{scope} {s:.2f} s" for scope, s in profiler.scope_seconds.items())
+            breakdowns.append(f"### {name}, {tokens} tokens\n\n{profiler.table()}\n\nper layer: {per_scope}\n")
+            chart[f"{name.split(' ')[0]} T={tokens}"] = dict(profiler.seconds)
+            print(summary[-1], file=sys.stderr, flush=True)
+
+    ring = f"N={params.poly_modulus_degree}, modulus chain {list(params.coeff_mod_bit_sizes)} ({params.security}), scale 2^{params.scale_bits}"
+    command = "python benchmarks/ckks_latency.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = (
+        "# CKKS latency of encrypted PolyAttn forward passes\n\n"
+        f"Command: `{command.strip()}` (TenSEAL {__import__('tenseal').__version__}, CPU, 2 cores). Ring: {ring}.\n"
+        "Token by token with the encrypted KV cache; refreshes are masked round trips to an in-process client.\n\n"
+        + "\n".join(summary) + "\n\n" + "\n".join(breakdowns)
+    )
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(text)
+    print(text)
+    plot(chart, args.results.with_suffix(".png"))
+
+
+def plot(chart: dict[str, dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = sorted({k for row in chart.values() for k in row}, key=lambda k: -sum(r.get(k, 0) for r in chart.values()))
+    figure, axis = plt.subplots(figsize=(9, 0.6 * len(chart) + 2))
+    left = np.zeros(len(chart))
+    for kind in kinds:
+        totals = np.array([sum(row.values()) for row in chart.values()])
+        shares = np.array([row.get(kind, 0.0) for row in chart.values()]) / totals * 100
+        axis.barh(list(chart), shares, left=left, label=kind)
+        left += shares
+    axis.set_xlabel("share of encrypted time (%)")
+    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=4, fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
