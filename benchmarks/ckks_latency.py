@@ -70,7 +70,7 @@ def main(argv=None) -> None:
             )
             per_scope = ", ".join(f"{scope} {s:.2f} s" for scope, s in profiler.scope_seconds.items())
             breakdowns.append(f"### {name}, {tokens} tokens\n\n{profiler.table()}\n\nper layer: {per_scope}\n")
-            chart[f"{name.split(' ')[0]} T={tokens}"] = dict(profiler.seconds)
+            chart[f"{name.split(',')[0]}) T={tokens}"] = dict(profiler.seconds)
             print(summary[-1], file=sys.stderr, flush=True)
 
     ring = f"N={params.poly_modulus_degree}, modulus chain {list(params.coeff_mod_bit_sizes)} ({params.security}), scale 2^{params.scale_bits}"
@@ -96,10 +96,11 @@ def plot(chart: dict[str, dict[str, float]], path: Path) -> None:
     kinds = sorted({k for row in chart.values() for k in row}, key=lambda k: -sum(r.get(k, 0) for r in chart.values()))
     figure, axis = plt.subplots(figsize=(9, 0.6 * len(chart) + 2))
     left = np.zeros(len(chart))
-    for kind in kinds:
+    colors = plt.get_cmap("tab20").colors
+    for color, kind in zip(colors, kinds):
         totals = np.array([sum(row.values()) for row in chart.values()])
         shares = np.array([row.get(kind, 0.0) for row in chart.values()]) / totals * 100
-        axis.barh(list(chart), shares, left=left, label=kind)
+        axis.barh(list(chart), shares, left=left, label=kind, color=color)
         left += shares
     axis.set_xlabel("share of encrypted time (%)")
     axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=4, fontsize=8)

@@ -23,11 +23,16 @@ def _info(args: argparse.Namespace) -> int:
     print(f"transformers  {transformers.__version__}")
     print(f"peft          {peft.__version__}")
     print("registered:")
-    print(f"  AutoConfig[{PolyAttnConfig.model_type!r}]          -> {CONFIG_MAPPING[PolyAttnConfig.model_type].__name__}")
-    print(f"  AutoModel[PolyAttnConfig]            -> {MODEL_MAPPING[PolyAttnConfig].__name__}")
-    print(f"  AutoModelForCausalLM[PolyAttnConfig] -> {MODEL_FOR_CAUSAL_LM_MAPPING[PolyAttnConfig].__name__}")
-    print(f"  AttentionInterface[{ATTENTION_NAME!r}]     -> {AttentionInterface._global_mapping[ATTENTION_NAME].__name__}")
-    print(f"  AttentionMaskInterface[{ATTENTION_NAME!r}] -> {AttentionMaskInterface._global_mapping[ATTENTION_NAME].__name__}")
+    rows = {
+        f"AutoConfig[{PolyAttnConfig.model_type!r}]": CONFIG_MAPPING[PolyAttnConfig.model_type],
+        "AutoModel[PolyAttnConfig]": MODEL_MAPPING[PolyAttnConfig],
+        "AutoModelForCausalLM[PolyAttnConfig]": MODEL_FOR_CAUSAL_LM_MAPPING[PolyAttnConfig],
+        f"AttentionInterface[{ATTENTION_NAME!r}]": AttentionInterface._global_mapping[ATTENTION_NAME],
+        f"AttentionMaskInterface[{ATTENTION_NAME!r}]": AttentionMaskInterface._global_mapping[ATTENTION_NAME],
+    }
+    width = max(map(len, rows))
+    for name, target in rows.items():
+        print(f"  {name:{width}} -> {target.__name__}")
     if args.model:
         from transformers import AutoConfig
 

@@ -120,14 +120,9 @@ class Cipher:
         self._check(other)
         with self.engine.profiler.op("add"):
             if isinstance(other, Cipher):
-                # TenSEAL matches levels by mod-switching the higher operand *in place*: work on a
-                # copy, so a value used again later keeps its levels.
-                mine, theirs = self.vector, other.vector
-                if self.level > other.level:
-                    mine = mine.copy()
-                elif other.level > self.level:
-                    theirs = theirs.copy()
-                vector = mine + theirs if sign > 0 else mine - theirs
+                # TenSEAL matches levels by mod-switching the higher operand *in place* (a copy
+                # would cost far more than the levels it saves); the planner mirrors this.
+                vector = self.vector + other.vector if sign > 0 else self.vector - other.vector
             else:
                 vector = self.vector + float(sign * other)
         return Cipher(vector, self.engine)

@@ -48,8 +48,11 @@ class PlannedCipher:
         return PlannedCipher(self.size, level - 1, self.engine)
 
     def _add(self, other) -> "PlannedCipher":
-        level = min(self.level, other.level) if isinstance(other, PlannedCipher) else self.level
-        return PlannedCipher(self.size, level, self.engine)
+        if not isinstance(other, PlannedCipher):
+            return PlannedCipher(self.size, self.level, self.engine)
+        # as TenSEAL does: the operand at the higher level is mod-switched down in place
+        self.level = other.level = min(self.level, other.level)
+        return PlannedCipher(self.size, self.level, self.engine)
 
     __mul__ = __rmul__ = _multiply
     __add__ = __radd__ = __sub__ = __rsub__ = _add

@@ -97,7 +97,8 @@ class CKKSServer:
         public_context: `CKKSClient.public_context()`; a context with a secret key is refused.
         refresher: how exhausted ciphertexts are refreshed (e.g. `ClientRoundTrip(client)`);
             `None` forbids refreshing (then a model deeper than the ring fails before starting).
-        lm_head: return encrypted logits (`True`) or the encrypted final hidden state.
+        lm_head: return encrypted logits (`True`) or the encrypted final normalised hidden state
+            before the norm weight (`False`: the client applies `norm.weight` and the LM head).
         max_tokens: the longest sequence a session accepts (the KV cache grows with it).
     """
 
