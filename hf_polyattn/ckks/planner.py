@@ -48,11 +48,8 @@ class PlannedCipher:
         return PlannedCipher(self.size, level - 1, self.engine)
 
     def _add(self, other) -> "PlannedCipher":
-        if not isinstance(other, PlannedCipher):
-            return PlannedCipher(self.size, self.level, self.engine)
-        # as TenSEAL does: the operand at the higher level is mod-switched down in place
-        self.level = other.level = min(self.level, other.level)
-        return PlannedCipher(self.size, self.level, self.engine)
+        level = min(self.level, other.level) if isinstance(other, PlannedCipher) else self.level
+        return PlannedCipher(self.size, level, self.engine)
 
     __mul__ = __rmul__ = _multiply
     __add__ = __radd__ = __sub__ = __rsub__ = _add
@@ -77,3 +74,12 @@ def plan(server, num_tokens: int) -> dict[str, int]:
     for _ in range(num_tokens):
         planner._forward(planner.engine.fresh(server.config.hidden_size))
     return {"levels_consumed": planner.engine.levels_consumed, "refreshes": planner.engine.refreshes}
+
+
+def circuit_depth(server) -> int:
+    """Levels one token's step consumes along its critical path, with no refresh (the depth)."""
+    planner = copy.copy(server)
+    unlimited = 10**6
+    planner.engine = PlanningEngine(unlimited, refresh_allowed=False)
+    planner.reset()
+    return unlimited - planner._forward(planner.engine.fresh(server.config.hidden_size)).level

@@ -98,9 +98,9 @@ def goldschmidt_reciprocal(x, iterations: int, initial_guess):
 
     Relative error `|e|^(2^k)`; depth `depth(y0) + 1 + k`.
     """
-    y = initial_guess
-    for i in range(iterations):
-        error = 1.0 - x * initial_guess if i == 0 else error * error
+    y, error = initial_guess, None
+    for _ in range(iterations):
+        error = 1.0 - x * initial_guess if error is None else error * error
         y = y * (1.0 + error)
     return y
 

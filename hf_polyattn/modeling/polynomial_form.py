@@ -206,33 +206,34 @@ def remove_polynomial(base_model: nn.Module) -> None:
 def polynomial_report(base_model: nn.Module, config) -> dict[str, Any]:
     """Per-site approximations and the multiplicative depth of each block and of the model.
 
-    The depth of a block is the level its output sits at when its input is fresh, counting every
-    ct×ct and ct×pt product on the critical path (norm weights folded into the next projection):
+    The depth of a block is the level its output sits at when its input is fresh, along the
+    circuit the CKKS server evaluates (norm weights, RoPE and score scaling folded into the next
+    projection; every product and plaintext-matrix product takes a level):
 
-    - norm: x² (1), ×1/d (1), inverse sqrt (D_is), x·s (1)                       = D_is + 3
-    - attention: q/k/v projection (1), rotary (1), QKᵀ (1), power (log2 p),
-      causal mask (1), [×1/L for the mean form (1)], reciprocal (D_r), weights (1), AV (1), o_proj (1)
+    - norm: x² (1), mean by a matmul (1), inverse sqrt (D_is), broadcast matmul (1), x·s (1) = D_is + 4
+    - attention: q/k/v projection (1), q⊙k (1), head sums (1), power (ceil log2 p),
+      [×1/L (1), mean form], reciprocal (D_r), [×1/L (1), mean form], weights (1),
+      head expansion (1), ⊙v (1), o_proj (1)
     - MLP: gate/up projection (1), activation (D_act), ×up (1), down projection (1)
-    - after the last block: final norm (D_is + 3) and the LM head (1).
+    - after the last block: final norm (D_is + 4) and the LM head (1).
     """
     ops = approximated_ops(base_model)
     if not ops or any(op.approximation is None for op in ops.values()):
         raise ValueError("the model is not in polynomial form; call to_polynomial() first")
     sites = {name: op.approximation.describe() for name, op in ops.items()}
-    p = config.attn_power
-    power_depth = math.ceil(math.log2(p))
-    mean_extra = 1 if config.attn_form == "mean" else 0
+    power_depth = math.ceil(math.log2(config.attn_power))
+    mean_extra = 2 if config.attn_form == "mean" else 0
     blocks = []
     for index in range(config.num_hidden_layers):
         prefix = f"layers.{index}."
-        d_norm1 = ops[prefix + "input_layernorm.inv_sqrt"].approximation.depth + 3
-        d_norm2 = ops[prefix + "post_attention_layernorm.inv_sqrt"].approximation.depth + 3
+        d_norm1 = ops[prefix + "input_layernorm.inv_sqrt"].approximation.depth + 4
+        d_norm2 = ops[prefix + "post_attention_layernorm.inv_sqrt"].approximation.depth + 4
         d_recip = ops[prefix + "self_attn.reciprocal"].approximation.depth
         d_act = ops[prefix + "mlp.act_fn"].approximation.depth
-        attention = d_norm1 + 3 + power_depth + 1 + mean_extra + d_recip + 3
+        attention = d_norm1 + 3 + power_depth + mean_extra + d_recip + 4
         mlp = d_norm2 + 1 + d_act + 2
         blocks.append({"block": index, "attention_depth": attention, "mlp_depth": mlp, "depth": attention + mlp})
-    head = ops["norm.inv_sqrt"].approximation.depth + 3 + 1
+    head = ops["norm.inv_sqrt"].approximation.depth + 4 + 1
     evaluations_per_token = {
         "inv_sqrt": 2 * config.num_hidden_layers + 1,
         "reciprocal": config.num_hidden_layers * config.num_attention_heads,

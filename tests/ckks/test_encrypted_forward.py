@@ -5,13 +5,15 @@ import pytest
 import torch
 
 from hf_polyattn.ckks import CKKSClient, CKKSServer, ClientRoundTrip
+from hf_polyattn.ckks.planner import circuit_depth
 from hf_polyattn.ckks.session import encrypted_logits
 from tests.helpers import random_ids, tiny_model
 
 
 def polynomial_tiny(**overrides):
     # attn_eps keeps 1/x of the attention normaliser inside what a 60/40-bit ring holds
-    model = tiny_model(attn_eps=1e-2, **overrides)
+    overrides.setdefault("attn_eps", 1e-2)
+    model = tiny_model(**overrides)
     return model.to_polynomial(calibration_data=[random_ids(4, 16, seed=s) for s in range(4)], progress=False)
 
 
@@ -70,3 +72,10 @@ def test_bad_inputs_fail_before_any_long_computation(client):
         server.step(client.encrypt(np.zeros(16)))
     with pytest.raises(ValueError, match="key id differs"):
         server.step(CKKSClient().encrypt(np.zeros(32)))
+
+
+@pytest.mark.parametrize("form, power", [("sum", 4), ("mean", 6), ("sum", 8)])
+def test_reported_depth_is_the_depth_of_the_server_circuit(client, form, power):
+    model = polynomial_tiny(num_hidden_layers=2, attn_form=form, attn_power=power, attn_eps=1.0)
+    server = CKKSServer(model, client.public_context(), ClientRoundTrip(client))
+    assert circuit_depth(server) == model.polynomial_report()["total_depth"]
