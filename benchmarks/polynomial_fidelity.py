@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_polyattn.conversion.calibrate import calibration_batches
-from hf_polyattn.conversion.corpora import shakespeare_texts
+from hf_polyattn.conversion.corpora import read_texts
 from hf_polyattn.conversion.data import text_blocks
 from hf_polyattn.conversion.pretrain import pretrain, split_text
 from hf_polyattn.evaluation.fidelity import polynomial_fidelity
@@ -41,7 +41,7 @@ def main(argv=None) -> None:
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/polynomial_fidelity.md"))
     args = parser.parse_args(argv)
 
-    texts = [p.read_text(encoding="utf-8") for p in args.text] if args.text else list(shakespeare_texts().values())
+    texts = read_texts(args.text)
     train_text, eval_text = split_text(texts)
     models = {}
     if args.model:

@@ -15,7 +15,7 @@ from peft import AutoPeftModelForCausalLM, LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 import hf_polyattn  # noqa: F401  (registers PolyAttn with transformers and peft)
-from hf_polyattn.conversion.corpora import shakespeare_texts
+from hf_polyattn.conversion.corpora import read_texts
 from hf_polyattn.conversion.data import text_blocks
 
 
@@ -32,7 +32,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    texts = [p.read_text(encoding="utf-8") for p in args.text] if args.text else list(shakespeare_texts().values())[-5:]
+    texts = read_texts(args.text) if args.text else read_texts()[-5:]
     dataset = text_blocks(tokenizer, texts, args.block).train_test_split(test_size=0.1, seed=0)
 
     base = AutoModelForCausalLM.from_pretrained(args.model)

@@ -10,7 +10,7 @@ Prints held-out perplexity before and after training, saves model + tokenizer to
 import argparse
 from pathlib import Path
 
-from hf_polyattn.conversion.corpora import shakespeare_texts
+from hf_polyattn.conversion.corpora import read_texts
 from hf_polyattn.conversion.pretrain import pretrain
 
 
@@ -32,7 +32,7 @@ def main(argv=None) -> Path:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    texts = [p.read_text(encoding="utf-8") for p in args.text] if args.text else list(shakespeare_texts().values())
+    texts = read_texts(args.text)
     result = pretrain(
         texts,
         args.out,

@@ -15,6 +15,8 @@ def _info(args: argparse.Namespace) -> int:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
 
+    from hf_polyattn.modeling.polynomial_form import polynomial_enabled
+
     import hf_polyattn
     from hf_polyattn import ATTENTION_NAME, PolyAttnConfig
 
@@ -40,7 +42,7 @@ def _info(args: argparse.Namespace) -> int:
         print(f"model {args.model}: {config.model_type}, {config.num_hidden_layers} layers, d={config.hidden_size}")
         if config.model_type == PolyAttnConfig.model_type:
             print(f"  attention: p={config.attn_power}, eps={config.attn_eps}, form={config.attn_form}")
-            polynomial = bool(config.polynomial and config.polynomial.get("enabled"))
+            polynomial = polynomial_enabled(config)
             print(f"  polynomial form: {'yes' if polynomial else 'no (exact)'}")
             if polynomial:
                 from transformers import AutoModelForCausalLM
@@ -54,6 +56,7 @@ def _polynomialize(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_polyattn.conversion.calibrate import calibration_batches
+    from hf_polyattn.conversion.corpora import read_texts
     from hf_polyattn.conversion.data import text_blocks
     from hf_polyattn.conversion.pretrain import split_text
     from hf_polyattn.evaluation.fidelity import polynomial_fidelity
@@ -63,7 +66,7 @@ def _polynomialize(args: argparse.Namespace) -> int:
         print(f"hf-polyattn: {args.model} is a {model.config.model_type} model, not PolyAttn", file=sys.stderr)
         return 2
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    train_text, held_out_text = split_text(_texts(args.text))
+    train_text, held_out_text = split_text(read_texts(args.text))
     batches = calibration_batches(tokenizer, [train_text], args.block, args.blocks)
     options = {"activation": {"degree": args.activation_degree}} if args.activation_degree else {}
     model.to_exact().to_polynomial(calibration_data=batches, tolerance=args.tolerance, margin=args.margin, **options)
@@ -117,24 +120,19 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _texts(paths: list[str] | None) -> list[str]:
-    from hf_polyattn.conversion.corpora import shakespeare_texts
-
-    return [open(path, encoding="utf-8").read() for path in paths] if paths else list(shakespeare_texts().values())
-
-
 def _distill(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, TrainingArguments
 
     from hf_polyattn.conversion.convert import load_checkpoint
+    from hf_polyattn.conversion.corpora import read_texts
     from hf_polyattn.conversion.data import text_blocks
     from hf_polyattn.conversion.distill import DistillationTrainer
     from hf_polyattn.conversion.pretrain import split_text
 
     teacher, tokenizer = load_checkpoint(args.teacher)
     student = AutoModelForCausalLM.from_pretrained(args.student)
-    train_text, _ = split_text(_texts(args.data))
+    train_text, _ = split_text(read_texts(args.data))
     blocks = text_blocks(tokenizer, [train_text], args.block)
     training = TrainingArguments(
         output_dir=str(Path(args.out) / "checkpoints"),

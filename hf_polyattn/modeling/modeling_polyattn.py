@@ -30,6 +30,7 @@ from .polynomial_form import (
     build_polynomial_spec,
     format_polynomial_report,
     install_polynomial,
+    polynomial_enabled,
     polynomial_report,
     remove_polynomial,
 )
@@ -130,14 +131,13 @@ class PolyAttnPreTrainedModel(PreTrainedModel):
 
     def post_init(self):
         super().post_init()
-        spec = self.config.polynomial
-        if spec and spec.get("enabled") and self is self.base_model:
-            install_polynomial(self, spec)
+        if polynomial_enabled(self.config) and self is self.base_model:
+            install_polynomial(self, self.config.polynomial)
 
     @property
     def is_polynomial(self) -> bool:
         """Whether the forward pass is the polynomial (+, × only) circuit."""
-        return bool(self.config.polynomial and self.config.polynomial.get("enabled"))
+        return polynomial_enabled(self.config)
 
     def to_polynomial(
         self,

@@ -98,6 +98,11 @@ class ApproximatedOp(nn.Module):
         return f"kind={self.kind}, approximation={self.approximation!r}"
 
 
+def polynomial_enabled(config) -> bool:
+    """Whether `config` describes a model running its polynomial form."""
+    return bool(getattr(config, "polynomial", None) and config.polynomial.get("enabled"))
+
+
 def normaliser_floor(config, score_scale: float) -> float:
     """The smallest attention normaliser: `eps` in units of scores divided by `score_scale`."""
     return config.attn_eps / score_scale**config.attn_power
