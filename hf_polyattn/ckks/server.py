@@ -59,7 +59,7 @@ class EncryptedLayer:
         self.score_factor = attention.scaling / attention.score_scale
         self.wq = gamma1 * weight(attention.q_proj)
         self.wk = gamma1 * weight(attention.k_proj)
-        self.wv = (gamma1 * weight(attention.v_proj)) @ expand_kv
+        self.wv = ((gamma1 * weight(attention.v_proj)) @ expand_kv).tolist()
         self.expand_kv = expand_kv
         self.wo = weight(attention.o_proj).tolist()
         self.wgate = (gamma2 * weight(layer.mlp.gate_proj)).tolist()
@@ -67,7 +67,6 @@ class EncryptedLayer:
         self.wdown = weight(layer.mlp.down_proj).tolist()
         self.head_sum = np.kron(np.eye(self.heads), np.ones((self.head_dim, 1))).tolist()
         self.head_expand = np.kron(np.eye(self.heads), np.ones((1, self.head_dim))).tolist()
-        self.wv = self.wv.tolist()
         self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
         self.reciprocal = attention.reciprocal.approximation
         self.activation = layer.mlp.act_fn.approximation
