@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from hf_polyattn import PolyAttnConfig, PolyAttnForCausalLM
-from hf_polyattn.ckks import CKKSClient, CKKSParameters, CKKSServer, ClientRoundTrip
-from hf_polyattn.ckks.session import encrypted_logits
+from hf_polyattn.ckks import CKKSClient, CKKSParameters, SecureSession
 
 CONFIGS = {
     "tiny-1L (d=32, 4/2 heads)": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2),
@@ -55,10 +54,11 @@ def main(argv=None) -> None:
         model = build(CONFIGS[name])
         for tokens in args.tokens:
             ids = torch.randint(3, 97, (1, tokens), generator=torch.Generator().manual_seed(tokens))
-            server = CKKSServer(model, client.public_context(), ClientRoundTrip(client, seed=0), max_tokens=tokens)
+            session = SecureSession(model, client=client, mask_seed=0, max_tokens=tokens)
+            server = session.server
             planned = server.plan(tokens)
             start = time.perf_counter()
-            encrypted = encrypted_logits(model, client, server, ids)
+            encrypted = session.logits(ids[0]).numpy()
             seconds = time.perf_counter() - start
             with torch.no_grad():
                 plain = model(ids).logits[0].double().numpy()

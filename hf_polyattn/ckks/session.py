@@ -1,34 +1,141 @@
-"""Driving a client/server pair over a token sequence (the loop secure generation builds on)."""
+"""`SecureSession`: a client (the secret key) and a server driving one sequence, token by token."""
+
+import time
+from typing import Literal
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .client import CKKSClient
-from .server import CKKSServer
+from .params import CKKSParameters
+from .profiler import LatencyProfiler
+from .refresh import ClientRoundTrip
+from .remote import ServerProcess
+from .server import CKKSServer, require_encryptable
 
 
-@torch.no_grad()
-def encrypted_logits(model, client: CKKSClient, server: CKKSServer, input_ids: torch.Tensor) -> np.ndarray:
-    """Logits of every position of one sequence, each forward step evaluated on ciphertexts.
+class SecureSession:
+    """Encrypted next-token logits for a growing sequence: what `generate(secure=True)` runs.
 
-    The client embeds and encrypts each token, the server runs one incremental step over its
-    encrypted KV cache, the client decrypts. Returns `(length, vocab)` float64.
+    For every new token the client embeds it, encrypts the embedding and sends the ciphertext;
+    the server runs one incremental step over its encrypted KV cache (so token `t+1` never
+    recomputes tokens `<= t`) and answers with a ciphertext; the client decrypts it.
+
+    Args:
+        model: a calibrated polynomial-form `PolyAttnForCausalLM`. The client uses its embedding
+            table (and, with `lm_head="client"`, its final norm weight and LM head).
+        params: CKKS parameters of new keys (default `CKKSParameters()`: N=8192, 128-bit).
+        client: reuse an existing `CKKSClient` (its keys) instead of making new ones.
+        server: `"in-process"` (a `CKKSServer` in this process, sharing the profiler) or
+            `"process"` (a `ServerProcess`: a separate process that receives only the public
+            context and ciphertexts, and asks this client for refreshes over a pipe).
+        lm_head: `"server"` returns encrypted logits (the LM head stays with the server);
+            `"client"` returns the encrypted final hidden state, the client applies the head.
+        max_tokens: the longest sequence (prompt + generated) the server accepts.
+        mask_seed: seed of the refresh masks (tests); `None` draws them from the OS.
+        progress: show a per-token progress bar.
     """
-    if input_ids.ndim == 2:
-        if input_ids.shape[0] != 1:
-            raise ValueError("encrypted evaluation takes one sequence at a time")
-        input_ids = input_ids[0]
-    if len(input_ids) > server.max_tokens:
-        raise ValueError(f"{len(input_ids)} tokens is longer than the server's max_tokens={server.max_tokens}")
-    server.reset()
-    embeddings = model.get_input_embeddings()(input_ids).double().numpy()
-    rows = []
-    for embedding in embeddings:
-        with server.profiler.op("encrypt"):
-            ciphertext = client.encrypt(embedding)
-        server.profiler.bytes["to_server"] += len(ciphertext)
-        answer = server.step(ciphertext)
-        server.profiler.bytes["to_client"] += len(answer)
-        with server.profiler.op("decrypt"):
-            rows.append(client.decrypt(answer))
-    return np.stack(rows)
+
+    def __init__(
+        self,
+        model,
+        params: CKKSParameters | None = None,
+        *,
+        client: CKKSClient | None = None,
+        server: Literal["in-process", "process"] = "in-process",
+        lm_head: Literal["server", "client"] = "server",
+        max_tokens: int = 256,
+        mask_seed: int | None = None,
+        progress: bool = False,
+    ):
+        require_encryptable(model)
+        if lm_head not in ("server", "client"):
+            raise ValueError(f"lm_head must be 'server' or 'client', got {lm_head!r}")
+        if server not in ("in-process", "process"):
+            raise ValueError(f"server must be 'in-process' or 'process', got {server!r}")
+        self.model = model
+        self.client = client or CKKSClient(params)
+        self.lm_head = lm_head
+        self.profiler = LatencyProfiler()
+        self.progress = progress
+        on_server = lm_head == "server"
+        if server == "process":
+            self.server = ServerProcess(model, self.client, lm_head=on_server, max_tokens=max_tokens)
+        else:
+            refresher = ClientRoundTrip(self.client, seed=mask_seed)
+            self.server = CKKSServer(
+                model, self.client.public_context(), refresher, self.profiler, lm_head=on_server, max_tokens=max_tokens
+            )
+        self.step_seconds: list[float] = []
+        self.prefill_tokens = 0  # the first call after a reset: the prompt
+
+    @property
+    def position(self) -> int:
+        """Tokens of the current sequence the server has seen."""
+        return len(self.step_seconds)
+
+    def reset(self) -> None:
+        """Start a new sequence (the server drops its encrypted KV cache)."""
+        self.server.reset()
+        self.step_seconds = []
+        self.prefill_tokens = 0
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Next-token logits `(n, vocab)` (float64) of the `n` tokens after those already sent."""
+        input_ids = torch.as_tensor(input_ids).reshape(-1)
+        if self.position + len(input_ids) > self.server.max_tokens:
+            raise ValueError(
+                f"{self.position} + {len(input_ids)} tokens is longer than the server's max_tokens={self.server.max_tokens}"
+            )
+        if self.position == 0:
+            self.prefill_tokens = len(input_ids)
+        embeddings = self.model.get_input_embeddings()(input_ids).double().numpy()
+        rows = []
+        bar = tqdm(total=len(embeddings), desc="encrypted tokens", unit="token", disable=not self.progress, leave=False)
+        for embedding in embeddings:
+            start = time.perf_counter()
+            with self.profiler.op("encrypt"):
+                ciphertext = self.client.encrypt(embedding)
+            self.profiler.bytes["to_server"] += len(ciphertext)
+            answer = self.server.step(ciphertext)
+            self.profiler.bytes["to_client"] += len(answer)
+            with self.profiler.op("decrypt"):
+                rows.append(self.client.decrypt(answer))
+            self.step_seconds.append(time.perf_counter() - start)
+            bar.update()
+        bar.close()
+        out = torch.from_numpy(np.stack(rows))
+        if self.lm_head == "client":  # the server sent the normalised state before the norm weight
+            final_norm, head = self.model.model.norm.weight, self.model.lm_head.weight
+            out = (out * final_norm.double()) @ head.double().T
+        return out
+
+    def latency(self) -> LatencyProfiler:
+        """Every timed operation of both sides (a server process's fetched over the pipe)."""
+        if isinstance(self.server, ServerProcess):
+            return LatencyProfiler().merge(self.profiler).merge(self.server.profiler())
+        return self.profiler
+
+    def report(self) -> str:
+        """Prefill and per-token times, then the per-operation breakdown, as Markdown."""
+        steps, prompt = self.step_seconds, self.prefill_tokens
+        lines = [f"encrypted steps: {len(steps)}, {sum(steps):.1f} s"]
+        if prompt:
+            lines.append(f"prefill ({prompt} prompt tokens): {sum(steps[:prompt]):.1f} s")
+        generated = steps[prompt:]
+        if generated:
+            lines.append(f"after the prompt: {len(generated)} steps, {sum(generated) / len(generated):.2f} s/token")
+        return "\n".join(lines) + "\n\n" + self.latency().table()
+
+    def close(self) -> None:
+        """Stop a server process (nothing to do in-process)."""
+        if isinstance(self.server, ServerProcess):
+            self.server.close()
+
+    def __enter__(self) -> "SecureSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

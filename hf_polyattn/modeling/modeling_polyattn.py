@@ -35,6 +35,7 @@ from .polynomial_form import (
     remove_polynomial,
 )
 from .power_softmax import ATTENTION_NAME, exact_reciprocal
+from .secure_generation import SecureGenerationMixin
 
 
 class PolyAttnRMSNorm(LlamaRMSNorm):
@@ -261,8 +262,9 @@ class PolyAttnModel(PolyAttnPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
 
 
-class PolyAttnForCausalLM(PolyAttnPreTrainedModel, GenerationMixin):
-    """PolyAttn with a language-modelling head; `generate()` works as for any transformers LM."""
+class PolyAttnForCausalLM(PolyAttnPreTrainedModel, SecureGenerationMixin, GenerationMixin):
+    """PolyAttn with a language-modelling head; `generate()` works as for any transformers LM,
+    and `generate(secure=True)` runs it over CKKS (see `secure_generation.py`)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -287,6 +289,8 @@ class PolyAttnForCausalLM(PolyAttnPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits (and the shifted LM loss when `labels` are given) for `input_ids`."""
+        if self._secure_session is not None:  # inside generate(secure=True): the session computes
+            return self._secure_forward(input_ids, inputs_embeds, cache)
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

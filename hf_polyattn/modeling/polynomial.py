@@ -359,6 +359,18 @@ class ReciprocalApproximation(_IterativeApproximation):
     def exact(self, x):
         return 1.0 / x
 
+    def rescaled(self, factor: float) -> "ReciprocalApproximation":
+        """The same iteration for inputs multiplied by `factor`: `1/(factor·x)` on `factor·domain`.
+
+        Relative errors are unchanged (the initial guess scales by `1/factor`), so a backend with
+        a bounded value range can evaluate `1/x` as `(factor·num)·(1/(factor·den))` with neither
+        factor as large as `1/x` itself.
+        """
+        low, high = self.domain
+        return ReciprocalApproximation(
+            [low * factor, high * factor], iterations=self.iterations, method=self.method, init_degree=self.init_degree
+        )
+
     def circuit(self, x):
         iterate = goldschmidt_reciprocal if self.method == "goldschmidt" else newton_reciprocal
         return iterate(x, self.iterations, self.initial_guess(x))

@@ -6,15 +6,8 @@ import torch
 
 from hf_polyattn.ckks import CKKSClient, CKKSServer, ClientRoundTrip
 from hf_polyattn.ckks.planner import circuit_depth
-from hf_polyattn.ckks.session import encrypted_logits
-from tests.helpers import random_ids, tiny_model
-
-
-def polynomial_tiny(**overrides):
-    # attn_eps keeps 1/x of the attention normaliser inside what a 60/40-bit ring holds
-    overrides.setdefault("attn_eps", 1e-2)
-    model = tiny_model(**overrides)
-    return model.to_polynomial(calibration_data=[random_ids(4, 16, seed=s) for s in range(4)], progress=False)
+from hf_polyattn.ckks.session import SecureSession
+from tests.helpers import polynomial_tiny, random_ids, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +16,10 @@ def client():
 
 
 def check_against_plaintext(model, client, ids):
-    server = CKKSServer(model, client.public_context(), ClientRoundTrip(client, seed=0))
+    session = SecureSession(model, client=client, mask_seed=0)
+    server = session.server
     predicted = server.plan(ids.shape[1])
-    encrypted = encrypted_logits(model, client, server, ids)
+    encrypted = session.logits(ids[0]).numpy()
     # the planner, run before any ciphertext, predicted exactly what TenSEAL's levels required
     assert predicted == {"levels_consumed": server.engine.levels_consumed, "refreshes": server.profiler.refreshes}
     with torch.no_grad():
@@ -65,9 +59,10 @@ def test_bad_inputs_fail_before_any_long_computation(client):
     narrow.to_polynomial(calibration_data=[random_ids(4, 16, seed=s) for s in range(4)], progress=False)
     with pytest.raises(ValueError, match="beyond what this ring holds"):
         CKKSServer(narrow, public, ClientRoundTrip(client))
-    server = CKKSServer(model, public, ClientRoundTrip(client), max_tokens=3)
+    session = SecureSession(model, client=client, max_tokens=3)
     with pytest.raises(ValueError, match="max_tokens=3"):
-        encrypted_logits(model, client, server, random_ids(1, 4))
+        session.logits(random_ids(1, 4)[0])
+    server = session.server
     with pytest.raises(ValueError, match="hidden size 32"):
         server.step(client.encrypt(np.zeros(16)))
     with pytest.raises(ValueError, match="key id differs"):

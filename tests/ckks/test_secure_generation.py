@@ -1,0 +1,118 @@
+"""generate(secure=True): the standard generation loop over CKKS, with an encrypted KV cache."""
+
+import numpy as np
+import pytest
+import tenseal as ts
+import torch
+
+from hf_polyattn.ckks import CKKSClient, SecureSession
+from hf_polyattn.ckks.client import KEY_ID_BYTES
+from tests.helpers import polynomial_tiny, random_ids, tiny_model
+
+
+@pytest.fixture(scope="module")
+def client():
+    return CKKSClient()
+
+
+@pytest.fixture(scope="module")
+def one_layer():
+    return polynomial_tiny(num_hidden_layers=1)
+
+
+def test_secure_greedy_generation_emits_the_plaintext_tokens_through_logits_processors(one_layer, client):
+    prompt = random_ids(1, 3, seed=21)
+    with torch.no_grad():
+        first = one_layer.generate(prompt, max_new_tokens=1, do_sample=False)[0, -1].item()
+        # suppressing the plaintext's first choice proves the processors see the decrypted logits
+        plain = one_layer.generate(prompt, max_new_tokens=3, do_sample=False, suppress_tokens=[first])
+        session = SecureSession(one_layer, client=client, mask_seed=0)
+        secure = one_layer.generate(prompt, max_new_tokens=3, do_sample=False, suppress_tokens=[first], session=session)
+    assert secure.tolist() == plain.tolist()
+    assert first not in secure[0, 3:].tolist()
+    assert session.position == 3 + 2  # prompt, then each generated token but the last: one step each
+    assert session.prefill_tokens == 3 and "prefill (3 prompt tokens)" in session.report()
+
+
+def test_encrypted_kv_cache_makes_each_token_one_incremental_step(client):
+    model = polynomial_tiny(num_hidden_layers=2)
+    ids = random_ids(1, 4, seed=5)
+    session = SecureSession(model, client=client, mask_seed=0)
+    matmuls, rows = [], []
+    for position in range(ids.shape[1]):
+        before = session.profiler.op_counts["pt×ct matmul"]
+        rows.append(session.logits(ids[0, position : position + 1]))
+        matmuls.append(session.profiler.op_counts["pt×ct matmul"] - before)
+    layers = model.config.num_hidden_layers
+    projections = 7 * layers + 1  # q, k, v, o, gate, up, down per layer, and the LM head
+    norms = 2 * (2 * layers + 1)  # each norm: a mean, then a broadcast of its inverse sqrt
+    # token t projects only itself (tokens < t come from the encrypted cache) and touches each
+    # cached key and value once (a head sum of q⊙k, a head broadcast of its weight): no recomputation
+    assert matmuls == [projections + norms + 2 * layers * (t + 1) for t in range(ids.shape[1])]
+    with torch.no_grad():
+        uncached = model(ids).logits[0].double()  # the plaintext model run without any cache
+    incremental = torch.cat(rows)
+    assert (incremental - uncached).abs().max() <= 1e-2 * uncached.abs().max()
+    assert torch.equal(incremental.argmax(-1), uncached.argmax(-1))
+
+
+def test_server_in_a_separate_process_sees_only_public_keys_and_ciphertexts(one_layer, client):
+    prompt = random_ids(1, 2, seed=31)
+    with torch.no_grad():
+        plain = one_layer.generate(prompt, max_new_tokens=2, do_sample=False)
+    with SecureSession(one_layer, client=client, server="process") as session:
+        secure = one_layer.generate(prompt, max_new_tokens=2, do_sample=False, session=session)
+        transcript = list(session.server.transcript)
+        latency = session.latency()
+    assert secure.tolist() == plain.tolist()
+    assert latency.refreshes > 0 and latency.counts["reciprocal"] > 0  # the server process's profile came back
+    public = ts.context_from(transcript[0])  # the first thing the process got: the public context
+    assert not public.is_private()
+    with pytest.raises(ValueError, match="secret"):
+        ts.ckks_vector_from(public, transcript[1][KEY_ID_BYTES:]).decrypt()
+    fragment = _secret_key_fragment(client)
+    assert all(fragment not in message for message in transcript)
+
+
+def _secret_key_fragment(client) -> bytes:
+    """64 bytes from the middle of the serialized secret key polynomial (random-looking data)."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "secret"
+        client._context.secret_key().data.save(str(path))
+        raw = path.read_bytes()
+    middle = len(raw) // 2
+    return raw[middle : middle + 64]
+
+
+def test_secure_generation_refuses_what_it_cannot_do(one_layer, client):
+    prompt = random_ids(1, 3)
+    with pytest.raises(ValueError, match="to_polynomial"):
+        tiny_model().generate(prompt, secure=True)
+    with pytest.raises(ValueError, match="never calibrated"):
+        tiny_model().to_polynomial(check_domain=False).generate(prompt, secure=True)
+    with pytest.raises(ValueError, match="one sequence"):
+        one_layer.generate(random_ids(2, 3), secure=True)
+    with pytest.raises(ValueError, match="unpadded"):
+        one_layer.generate(prompt, attention_mask=torch.tensor([[0, 1, 1]]), secure=True)
+    with pytest.raises(ValueError, match="num_beams"):
+        one_layer.generate(prompt, num_beams=2, secure=True)
+    session = SecureSession(one_layer, client=client, max_tokens=4)
+    with pytest.raises(ValueError, match="max_tokens=4"):
+        one_layer.generate(prompt, max_new_tokens=5, session=session)
+    with pytest.raises(ValueError, match="lm_head"):
+        SecureSession(one_layer, client=client, lm_head="both")
+
+
+def test_client_side_lm_head_gives_the_same_logits(one_layer, client):
+    ids = random_ids(1, 2, seed=41)
+    server_head = SecureSession(one_layer, client=client, mask_seed=0).logits(ids[0])
+    client_head = SecureSession(one_layer, client=client, mask_seed=0, lm_head="client").logits(ids[0])
+    with torch.no_grad():
+        plain = one_layer(ids).logits[0].double()
+    scale = plain.abs().max()
+    for encrypted in (server_head, client_head):
+        assert (encrypted - plain).abs().max() <= 1e-2 * scale
+    assert np.array_equal(server_head.argmax(-1).numpy(), client_head.argmax(-1).numpy())
