@@ -22,6 +22,7 @@ from hf_polyattn.assets import DEFAULT_MODEL_DIR
 
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--text", nargs="*", type=Path, help="text files (default: the Shakespeare corpus)")
     parser.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--hidden", type=int, default=64)
@@ -30,7 +31,7 @@ def main(argv=None) -> Path:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    texts = read_texts()
+    texts = read_texts(args.text)
     with tempfile.TemporaryDirectory() as scratch:
         result = _train(texts, scratch, args)
     print(

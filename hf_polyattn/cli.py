@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if (getattr(args, "max_new_tokens", 1) or 1) < 1:
+    if getattr(args, "max_new_tokens", None) is not None and args.max_new_tokens < 1:
         print("hf-polyattn: --max-new-tokens must be >= 1", file=sys.stderr)
         return 2
     return args.run(args)

@@ -32,10 +32,14 @@ def enable_remote_code(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def push_to_hub(model: PreTrainedModel, repo_id: str, tokenizer=None, tags: list[str] | None = None, **kwargs):
-    """`model.push_to_hub` with the code shipped, the PolyAttn tags, and the tokenizer if given."""
+    """`model.push_to_hub` with the code shipped and the PolyAttn tags; given the tokenizer, it is
+    pushed too, with the `secure-text-generation` pipeline in the config's `custom_pipelines`."""
     enable_remote_code(model)
     all_tags = HUB_TAGS + [tag for tag in tags or [] if tag not in HUB_TAGS]
-    result = model.push_to_hub(repo_id, tags=all_tags, **kwargs)
-    if tokenizer is not None:
-        tokenizer.push_to_hub(repo_id, **kwargs)
-    return result
+    if tokenizer is None:
+        return model.push_to_hub(repo_id, tags=all_tags, **kwargs)
+    # With a tokenizer the secure-text-generation pipeline ships too: its code file and the
+    # config's `custom_pipelines`, so `pipeline(task, model=repo_id, trust_remote_code=True)` works.
+    from .pipelines import SecureTextGenerationPipeline
+
+    return SecureTextGenerationPipeline(model=model, tokenizer=tokenizer).push_to_hub(repo_id, tags=all_tags, **kwargs)

@@ -3,7 +3,8 @@
 from transformers import AutoModelForCausalLM, TextGenerationPipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .ckks.session import SecureSession
+# Absolute import: this file is shipped as-is next to a pushed model (its `custom_pipelines`).
+from hf_polyattn.ckks.session import SecureSession
 
 TASK = "secure-text-generation"
 

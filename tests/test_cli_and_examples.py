@@ -90,3 +90,13 @@ def test_cli_polynomialize_reports_saves_and_info_shows_it(trained, tmp_path, ca
     assert cli_main(["info", "--model", str(out)]) == 0
     info = capsys.readouterr().out
     assert "polynomial form: yes" in info and "layers.1.self_attn.reciprocal" in info
+
+
+def test_train_default_model_script_saves_a_calibrated_polynomial_model(tmp_path, python_docs):
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(python_docs)[:300_000])
+    out = tmp_path / "default"
+    run_example("train_default_model.py", "--text", str(text), "--out", str(out), "--steps", "20", "--hidden", "32", "--layers", "1")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.is_polynomial and model.config.polynomial["calibrated"]
+    assert AutoTokenizer.from_pretrained(out)("import sys").input_ids  # the tokenizer came along

@@ -6,6 +6,7 @@ code on it predicts the levels consumed and the refreshes a sequence needs.
 """
 
 import copy
+from collections import Counter
 from numbers import Real
 
 from .profiler import LatencyProfiler
@@ -18,6 +19,8 @@ class PlanningEngine:
         self.levels_consumed = 0
         self.refreshes = 0
         self.profiler = LatencyProfiler()
+        self.ops: Counter = Counter()  # "ct×ct", "ct×pt", "add" (what a cost model prices)
+        self.matmuls: Counter = Counter()  # (rows, cols) of every plaintext-matrix product
 
     def fresh(self, size: int) -> "PlannedCipher":
         return PlannedCipher(size, self.top_level, self)
@@ -42,12 +45,16 @@ class PlannedCipher:
         level = a.level
         if isinstance(other, PlannedCipher):
             level = min(level, other._fresh_enough().level)
-        elif not isinstance(other, Real):
+            self.engine.ops["ct×ct"] += 1
+        elif isinstance(other, Real):
+            self.engine.ops["ct×pt"] += 1
+        else:
             raise TypeError(f"PlannedCipher combines with PlannedCiphers or numbers, not {type(other).__name__}")
         self.engine.levels_consumed += 1
         return PlannedCipher(self.size, level - 1, self.engine)
 
     def _add(self, other) -> "PlannedCipher":
+        self.engine.ops["add"] += 1
         level = min(self.level, other.level) if isinstance(other, PlannedCipher) else self.level
         return PlannedCipher(self.size, level, self.engine)
 
@@ -60,20 +67,29 @@ class PlannedCipher:
     def matmul(self, matrix) -> "PlannedCipher":
         a = self._fresh_enough()
         self.engine.levels_consumed += 1
+        self.engine.matmuls[(self.size, len(matrix[0]))] += 1
         return PlannedCipher(len(matrix[0]), a.level - 1, self.engine)
 
     def serialize(self) -> None:
         return None
 
 
-def plan(server, num_tokens: int) -> dict[str, int]:
-    """Levels consumed and refreshes of `num_tokens` incremental steps of `server`'s model."""
+def plan(server, num_tokens: int, top_level: int | None = None) -> dict:
+    """Levels consumed, refreshes and operation counts of `num_tokens` incremental steps of
+    `server`'s model, on its ring or on one with `top_level` levels between refreshes."""
     planner = copy.copy(server)
-    planner.engine = PlanningEngine(server.engine.top_level, server.engine.refresher is not None)
+    levels = server.engine.top_level if top_level is None else top_level
+    planner.engine = PlanningEngine(levels, server.engine.refresher is not None)
     planner.reset()
     for _ in range(num_tokens):
         planner._forward(planner.engine.fresh(server.config.hidden_size))
-    return {"levels_consumed": planner.engine.levels_consumed, "refreshes": planner.engine.refreshes}
+    engine = planner.engine
+    return {
+        "levels_consumed": engine.levels_consumed,
+        "refreshes": engine.refreshes,
+        "ops": dict(engine.ops),
+        "matmuls": dict(engine.matmuls),
+    }
 
 
 def circuit_depth(server) -> int:

@@ -221,11 +221,11 @@ class CKKSServer:
             raise ValueError(f"an embedding of size {hidden.size} for a model of hidden size {self.config.hidden_size}")
         return self._forward(hidden).serialize()
 
-    def plan(self, num_tokens: int) -> dict[str, int]:
+    def plan(self, num_tokens: int, top_level: int | None = None) -> dict:
         """Predicted levels consumed and refreshes for `num_tokens` steps, before any ciphertext."""
         from .planner import plan
 
-        return plan(self, num_tokens)
+        return plan(self, num_tokens, top_level)
 
     def _forward(self, hidden: Cipher) -> Cipher:
         """The circuit of one token, on `Cipher`s or on the planner's stand-ins."""

@@ -69,17 +69,26 @@ class SecureSession:
             )
         self.step_seconds: list[float] = []
         self.prefill_tokens = 0  # the first call after a reset: the prompt
+        self._bar, self._expected_steps = None, None
 
     @property
     def position(self) -> int:
         """Tokens of the current sequence the server has seen."""
         return len(self.step_seconds)
 
-    def reset(self) -> None:
-        """Start a new sequence (the server drops its encrypted KV cache)."""
+    def reset(self, expected_steps: int | None = None) -> None:
+        """Start a new sequence (the server drops its encrypted KV cache); `expected_steps` sizes
+        the progress bar (prompt + generated tokens)."""
         self.server.reset()
         self.step_seconds = []
         self.prefill_tokens = 0
+        self._close_bar()
+        self._expected_steps = expected_steps
+
+    def _close_bar(self) -> None:
+        if getattr(self, "_bar", None) is not None:
+            self._bar.close()
+        self._bar = None
 
     @torch.no_grad()
     def logits(self, input_ids: torch.LongTensor) -> torch.Tensor:
@@ -93,7 +102,9 @@ class SecureSession:
             self.prefill_tokens = len(input_ids)
         embeddings = self.model.get_input_embeddings()(input_ids).double().numpy()
         rows = []
-        bar = tqdm(total=len(embeddings), desc="encrypted tokens", unit="token", disable=not self.progress, leave=False)
+        if self._bar is None:  # one bar per sequence, across calls
+            total = getattr(self, "_expected_steps", None)
+            self._bar = tqdm(total=total, desc="encrypted tokens", unit="token", disable=not self.progress)
         for embedding in embeddings:
             start = time.perf_counter()
             with self.profiler.op("encrypt"):
@@ -104,8 +115,9 @@ class SecureSession:
             with self.profiler.op("decrypt"):
                 rows.append(self.client.decrypt(answer))
             self.step_seconds.append(time.perf_counter() - start)
-            bar.update()
-        bar.close()
+            self._bar.update()
+        if self._bar.total is not None and self.position >= self._bar.total:
+            self._close_bar()
         out = torch.from_numpy(np.stack(rows))
         if self.lm_head == "client":  # the server sent the normalised state before the norm weight
             final_norm, head = self.model.model.norm.weight, self.model.lm_head.weight
@@ -131,6 +143,7 @@ class SecureSession:
 
     def close(self) -> None:
         """Stop a server process (nothing to do in-process)."""
+        self._close_bar()
         if isinstance(self.server, ServerProcess):
             self.server.close()
 

@@ -5,7 +5,7 @@ The mixin knows nothing of cryptography (this folder imports only torch and tran
 and registers itself as the default factory on import, so `model.generate(ids, secure=True)`
 works once `hf_polyattn` is imported; any object with the same two methods can stand in.
 
-A session is incremental: `session.reset()` starts a sequence, `session.logits(ids)` takes the
+A session is incremental: `session.reset(expected_steps)` starts a sequence, `session.logits(ids)` takes the
 tokens after those already sent and returns their next-token logits `(n, vocab)`. Logits
 processors, stopping criteria, streamers and sampling of `GenerationConfig` all run as usual on
 the decrypted logits.
@@ -19,7 +19,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 
 class GenerationSession(Protocol):
-    def reset(self) -> None: ...
+    def reset(self, expected_steps: int | None = None) -> None: ...
 
     def logits(self, input_ids: torch.LongTensor) -> torch.Tensor: ...
 
@@ -50,7 +50,10 @@ class SecureGenerationMixin:
             if self.secure_session_factory is None:
                 raise RuntimeError("secure generation needs the CKKS backend: `import hf_polyattn` (with tenseal installed)")
             session = self.secure_session_factory(self)
-        session.reset()
+        config = generation_config or self.generation_config
+        new_tokens = kwargs.get("max_new_tokens") or config.max_new_tokens
+        # the last generated token is never fed back: prompt + new - 1 encrypted steps
+        session.reset(expected_steps=ids.shape[1] + new_tokens - 1 if new_tokens else None)
         kwargs["use_cache"] = True  # the session is incremental: after the prompt, one new token per call
         self._secure_session = session
         try:

@@ -21,7 +21,10 @@ def check_against_plaintext(model, client, ids):
     predicted = server.plan(ids.shape[1])
     encrypted = session.logits(ids[0]).numpy()
     # the planner, run before any ciphertext, predicted exactly what TenSEAL's levels required
-    assert predicted == {"levels_consumed": server.engine.levels_consumed, "refreshes": server.profiler.refreshes}
+    assert (predicted["levels_consumed"], predicted["refreshes"]) == (server.engine.levels_consumed, server.profiler.refreshes)
+    consumed = server.profiler.op_counts
+    assert predicted["ops"]["ct×ct"] == consumed["ct×ct mult"] and predicted["ops"]["ct×pt"] == consumed["ct×pt mult"]
+    assert sum(predicted["matmuls"].values()) == consumed["pt×ct matmul"]
     with torch.no_grad():
         plain = model(ids).logits[0].double().numpy()
     scale = np.abs(plain).max()

@@ -51,3 +51,22 @@ def test_push_uploads_weights_code_and_a_tagged_card(fake_hub):
     assert metadata["library_name"] == "transformers"
     assert set(HUB_TAGS) | {"shakespeare"} <= set(metadata["tags"])
     assert b'"AutoModelForCausalLM": "modeling_polyattn.PolyAttnForCausalLM"' in fake_hub["config.json"]
+
+
+def test_push_with_tokenizer_ships_the_secure_pipeline(fake_hub, tmp_path):
+    from transformers import pipeline
+
+    from hf_polyattn.assets import load_default_model
+
+    model, tokenizer = load_default_model()
+    push_to_hub(model, "someone/secure-polyattn", tokenizer=tokenizer)
+    for name in ("pipelines.py", "secure_generation.py", "tokenizer.json", "modeling_polyattn.py"):
+        assert name in fake_hub, f"{name} was not uploaded: {sorted(fake_hub)}"
+    for name, content in fake_hub.items():
+        (tmp_path / name).write_bytes(content)
+    config = yaml.safe_load(fake_hub["config.json"])  # JSON is YAML
+    assert config["custom_pipelines"]["secure-text-generation"]["impl"] == "pipelines.SecureTextGenerationPipeline"
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        pipeline("secure-text-generation", model=str(tmp_path))
+    pipe = pipeline("secure-text-generation", model=str(tmp_path), trust_remote_code=True)
+    assert type(pipe).__name__ == "SecureTextGenerationPipeline"

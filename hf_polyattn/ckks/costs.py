@@ -1,0 +1,91 @@
+"""Predicted encrypted time: the planner's operation counts priced by per-operation costs
+measured on this machine, and the ring chosen by that prediction.
+
+`measure_op_costs(params)` times each primitive on one ring (a ct×ct and ct×pt product with
+rescale, an addition, a masked refresh round trip, and plaintext-matrix products of several
+shapes, fitted as `a + b·rows + c·cols + d·rows·cols`). `predict_seconds(plan, costs)` prices a
+plan; `choose_parameters(server, tokens, candidates)` plans the same model on each candidate
+ring (no ciphertext needed: a plan only needs the number of levels) and returns the cheapest.
+"""
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .cipher import CipherEngine
+from .client import CKKSClient
+from .params import CKKSParameters
+from .refresh import ClientRoundTrip
+
+MATMUL_SHAPES = ((8, 8), (32, 32), (64, 64), (64, 256), (256, 64), (128, 128))
+
+
+@dataclass(frozen=True)
+class OpCosts:
+    """Seconds per primitive on one ring."""
+
+    params: CKKSParameters
+    ct_ct: float
+    ct_pt: float
+    add: float
+    refresh: float
+    matmul_fit: tuple[float, float, float, float]  # a, b, c, d of a + b·rows + c·cols + d·rows·cols
+
+    def matmul(self, rows: int, cols: int) -> float:
+        a, b, c, d = self.matmul_fit
+        return max(a + b * rows + c * cols + d * rows * cols, 0.0)
+
+
+def _best_of(repeats: int, function) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_op_costs(params: CKKSParameters, repeats: int = 3, seed: int = 0) -> OpCosts:
+    """Time each primitive on `params`' ring (new keys; a few seconds at N=8192)."""
+    rng = np.random.default_rng(seed)
+    client = CKKSClient(params)
+    engine = CipherEngine(client.public_context(), ClientRoundTrip(client, seed=seed))
+
+    def fresh(size: int):
+        return engine.load(client.encrypt(rng.uniform(-1, 1, size)))
+
+    x, y = fresh(64), fresh(64)
+    ct_ct = _best_of(repeats, lambda: x * y)
+    ct_pt = _best_of(repeats, lambda: x * 0.5)
+    add = _best_of(repeats, lambda: x + y)
+    refresh = _best_of(repeats, lambda: engine.refresh(x))
+    rows_cols, seconds = [], []
+    for rows, cols in MATMUL_SHAPES:
+        vector, matrix = fresh(rows), rng.uniform(-1, 1, (rows, cols)).tolist()
+        seconds.append(_best_of(repeats, lambda: vector.matmul(matrix)))
+        rows_cols.append((1.0, rows, cols, rows * cols))
+    fit = np.linalg.lstsq(np.array(rows_cols), np.array(seconds), rcond=None)[0]
+    return OpCosts(params, ct_ct, ct_pt, add, refresh, tuple(float(v) for v in fit))
+
+
+def predict_seconds(plan: dict, costs: OpCosts) -> float:
+    """Predicted seconds of a plan (`CKKSServer.plan`) on the ring `costs` were measured on."""
+    ops = plan["ops"]
+    seconds = ops.get("ct×ct", 0) * costs.ct_ct + ops.get("ct×pt", 0) * costs.ct_pt + ops.get("add", 0) * costs.add
+    seconds += plan["refreshes"] * costs.refresh
+    seconds += sum(count * costs.matmul(rows, cols) for (rows, cols), count in plan["matmuls"].items())
+    return seconds
+
+
+def choose_parameters(server, num_tokens: int, candidates: list[OpCosts]) -> tuple[OpCosts, list[dict]]:
+    """The candidate ring with the least predicted time for `num_tokens` steps of `server`'s
+    model, and every candidate's plan and prediction (planned on its own number of levels)."""
+    if not candidates:
+        raise ValueError("no candidate rings to choose from")
+    table = []
+    for costs in candidates:
+        plan = server.plan(num_tokens, top_level=costs.params.levels)
+        table.append({"params": costs.params, "plan": plan, "predicted_seconds": predict_seconds(plan, costs)})
+    best = min(range(len(candidates)), key=lambda i: table[i]["predicted_seconds"])
+    return candidates[best], table

@@ -1,0 +1,44 @@
+"""The planner prices circuits on rings it has no keys for, and picks the cheapest."""
+
+import pytest
+
+from hf_polyattn.ckks import CKKSClient, CKKSParameters, SecureSession
+from hf_polyattn.ckks.costs import OpCosts, choose_parameters, predict_seconds
+from tests.helpers import polynomial_tiny
+
+
+def costs(ring: int, levels: int, refresh: float, op: float) -> OpCosts:
+    return OpCosts(CKKSParameters(poly_modulus_degree=ring, levels=levels), op, op, op / 10, refresh, (op, 0.0, 0.0, 0.0))
+
+
+@pytest.fixture(scope="module")
+def server():
+    return SecureSession(polynomial_tiny(num_hidden_layers=1), client=CKKSClient()).server
+
+
+def test_more_levels_mean_fewer_refreshes_for_the_same_circuit(server):
+    plans = [server.plan(3, top_level=levels) for levels in (1, 2, 7, 19)]
+    refreshes = [plan["refreshes"] for plan in plans]
+    assert refreshes == sorted(refreshes, reverse=True) and refreshes[0] > refreshes[-1]
+    # the operations themselves do not depend on the ring
+    assert all(plan["ops"]["ct×ct"] == plans[0]["ops"]["ct×ct"] and plan["matmuls"] == plans[0]["matmuls"] for plan in plans)
+
+
+def test_prediction_is_counts_times_costs(server):
+    plan = server.plan(2)
+    unit = costs(8192, 2, refresh=1.0, op=0.0)
+    assert predict_seconds(plan, unit) == pytest.approx(plan["refreshes"])
+    per_op = costs(8192, 2, refresh=0.0, op=1.0)
+    matmuls = sum(plan["matmuls"].values())
+    assert predict_seconds(plan, per_op) == pytest.approx(plan["ops"]["ct×ct"] + plan["ops"]["ct×pt"] + plan["ops"]["add"] / 10 + matmuls)
+
+
+def test_choice_follows_the_costs(server):
+    small = costs(8192, 2, refresh=0.01, op=0.001)
+    large = costs(16384, 7, refresh=0.02, op=0.008)
+    assert choose_parameters(server, 2, [small, large])[0] is small  # cheap ops dominate
+    expensive_refresh = costs(8192, 2, refresh=10.0, op=0.001)
+    chosen, table = choose_parameters(server, 2, [expensive_refresh, large])
+    assert chosen is large and table[0]["predicted_seconds"] > table[1]["predicted_seconds"]
+    with pytest.raises(ValueError, match="no candidate"):
+        choose_parameters(server, 2, [])
