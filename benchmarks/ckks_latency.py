@@ -18,6 +18,7 @@ import torch
 
 from hf_polyattn import PolyAttnConfig, PolyAttnForCausalLM
 from hf_polyattn.ckks import CKKSClient, CKKSParameters, SecureSession
+from hf_polyattn.ckks.costs import measure_op_costs, predict_seconds
 
 CONFIGS = {
     "tiny-1L (d=32, 4/2 heads)": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2),
@@ -41,13 +42,18 @@ def main(argv=None) -> None:
     parser.add_argument("--configs", default="tiny", help="'tiny', 'smollm2-block', or 'all'")
     parser.add_argument("--tokens", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--ring", type=int, default=8192, help="poly_modulus_degree")
+    parser.add_argument("--predict", type=int, nargs="*", default=[8, 32, 128],
+                        help="sequence lengths to predict from the plan and measured op costs (not run)")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/ckks_latency.md"))
     args = parser.parse_args(argv)
     names = [n for n in CONFIGS if args.configs == "all" or n.startswith(args.configs)]
     params = CKKSParameters(poly_modulus_degree=args.ring, levels=CKKSParameters.max_levels(args.ring))
     client = CKKSClient(params)
+    costs = measure_op_costs(params)
+    growth = ["| model | " + " | ".join(f"T={t}: s/token (predicted)" for t in args.predict) + " |",
+              "|---|" + "---|" * len(args.predict)]
 
-    summary = ["| model | tokens | s / token | max abs Δlogit (logit scale) | argmax equal | levels used (planned) | refreshes (planned) | MB to client / server |",
+    summary = ["| model | tokens | s / token (predicted) | max abs Δlogit (logit scale) | argmax equal | levels used (planned) | refreshes (planned) | MB to client / server |",
                "|---|---|---|---|---|---|---|---|"]
     breakdowns, chart = [], {}
     for name in names:
@@ -71,15 +77,22 @@ def main(argv=None) -> None:
             per_scope = ", ".join(f"{scope} {s:.2f} s" for scope, s in profiler.scope_seconds.items())
             breakdowns.append(f"### {name}, {tokens} tokens\n\n{profiler.table()}\n\nper layer: {per_scope}\n")
             chart[f"{name.split(',')[0]}) T={tokens}"] = dict(profiler.seconds)
+            summary[-1] = summary[-1].replace(f"| {seconds / tokens:.2f} |", f"| {seconds / tokens:.2f} ({predict_seconds(planned, costs) / tokens:.2f}) |")
             print(summary[-1], file=sys.stderr, flush=True)
+        predicted = [predict_seconds(server.plan(t), costs) / t for t in args.predict]
+        growth.append(f"| {name} | " + " | ".join(f"{p:.2f}" for p in predicted) + " |")
 
     ring = f"N={params.poly_modulus_degree}, modulus chain {list(params.coeff_mod_bit_sizes)} ({params.security}), scale 2^{params.scale_bits}"
     command = "python benchmarks/ckks_latency.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = (
         "# CKKS latency of encrypted PolyAttn forward passes\n\n"
         f"Command: `{command.strip()}` (TenSEAL {__import__('tenseal').__version__}, CPU, 2 cores). Ring: {ring}.\n"
-        "Token by token with the encrypted KV cache; refreshes are masked round trips to an in-process client.\n\n"
-        + "\n".join(summary) + "\n\n" + "\n".join(breakdowns)
+        "Token by token with the encrypted KV cache; refreshes are masked round trips to an in-process client. "
+        "Predicted times: the planner's operation counts priced by per-operation costs measured on this ring "
+        "(`hf_polyattn.ckks.costs`).\n\n"
+        + "\n".join(summary)
+        + "\n\n## How the time grows with T and d (predicted, mean over the T steps)\n\n"
+        + "\n".join(growth) + "\n\n" + "\n".join(breakdowns)
     )
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(text)

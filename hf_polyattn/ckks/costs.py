@@ -5,7 +5,8 @@ measured on this machine, and the ring chosen by that prediction.
 rescale, an addition, a masked refresh round trip, and plaintext-matrix products of several
 shapes, fitted as `a + b·rows + c·cols + d·rows·cols`). `predict_seconds(plan, costs)` prices a
 plan; `choose_parameters(server, tokens, candidates)` plans the same model on each candidate
-ring (no ciphertext needed: a plan only needs the number of levels) and returns the cheapest.
+ring (no ciphertext needed: a plan only needs the number of levels) and returns the cheapest
+among those whose precision the model's attention normaliser tolerates.
 """
 
 import time
@@ -78,14 +79,36 @@ def predict_seconds(plan: dict, costs: OpCosts) -> float:
     return seconds
 
 
+# Largest tolerated ratio of a ring's absolute precision to the smallest attention normaliser the
+# server takes 1/x of (after balancing): beyond it the reciprocal's iterations amplify the noise
+# (a 30-bit scale on the tiny models diverges to errors of 1e13; 40 bits stays below 1e-3).
+PRECISION_LIMIT = 1e-3
+
+
+def precision_ratio(server, params: CKKSParameters) -> float:
+    """`params.precision` over the smallest (balanced) normaliser of `server`'s model."""
+    return params.precision / min(layer.reciprocal.domain[0] for layer in server.layers)
+
+
 def choose_parameters(server, num_tokens: int, candidates: list[OpCosts]) -> tuple[OpCosts, list[dict]]:
     """The candidate ring with the least predicted time for `num_tokens` steps of `server`'s
-    model, and every candidate's plan and prediction (planned on its own number of levels)."""
+    model among those precise enough for it (`PRECISION_LIMIT`), and every candidate's plan,
+    prediction and precision ratio (each planned on its own number of levels)."""
     if not candidates:
         raise ValueError("no candidate rings to choose from")
     table = []
     for costs in candidates:
         plan = server.plan(num_tokens, top_level=costs.params.levels)
-        table.append({"params": costs.params, "plan": plan, "predicted_seconds": predict_seconds(plan, costs)})
-    best = min(range(len(candidates)), key=lambda i: table[i]["predicted_seconds"])
+        ratio = precision_ratio(server, costs.params)
+        table.append(
+            {"params": costs.params, "plan": plan, "predicted_seconds": predict_seconds(plan, costs),
+             "precision_ratio": ratio, "precise_enough": ratio <= PRECISION_LIMIT}
+        )
+    usable = [i for i, row in enumerate(table) if row["precise_enough"]]
+    if not usable:
+        raise ValueError(
+            f"no candidate ring is precise enough for this model (precision / smallest normaliser > {PRECISION_LIMIT}); "
+            "use a larger scale_bits or raise attn_eps"
+        )
+    best = min(usable, key=lambda i: table[i]["predicted_seconds"])
     return candidates[best], table

@@ -52,6 +52,11 @@ class CKKSParameters:
         return 2.0 ** (self.first_bits - self.scale_bits - 1)
 
     @property
+    def precision(self) -> float:
+        """Typical absolute error of a fresh or refreshed value: `2^-(scale_bits - log2(N) - 5)`."""
+        return 2.0 ** -(self.scale_bits - self.poly_modulus_degree.bit_length() + 1 - 5)
+
+    @property
     def security(self) -> str:
         limit = MAX_COEFF_MODULUS_BITS_128[self.poly_modulus_degree]
         return "128-bit" if sum(self.coeff_mod_bit_sizes) <= limit else "INSECURE (test mode)"

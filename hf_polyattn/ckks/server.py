@@ -83,7 +83,10 @@ class EncryptedLayer:
 
     def projections_at(self, position: int) -> tuple[list, list]:
         """`W_q`, `W_k` with RoPE of `position` (and the score scaling) folded in."""
+        # Each position is used once per sequence: keep only the latest (a dict of every
+        # position would hold L·T matrices as Python lists: gigabytes at d=576, T=128).
         if position not in self._per_position:
+            self._per_position.clear()
             dummy = torch.zeros(1, 1, self.head_dim, dtype=torch.float64)
             cos, sin = self._rotary(dummy, position_ids=torch.tensor([[position]]))
             rope = _rope_matrix(cos[0, 0].double().numpy(), sin[0, 0].double().numpy())

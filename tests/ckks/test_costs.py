@@ -42,3 +42,14 @@ def test_choice_follows_the_costs(server):
     assert chosen is large and table[0]["predicted_seconds"] > table[1]["predicted_seconds"]
     with pytest.raises(ValueError, match="no candidate"):
         choose_parameters(server, 2, [])
+
+
+def test_rings_too_imprecise_for_the_normaliser_are_refused(server):
+    coarse = OpCosts(CKKSParameters(poly_modulus_degree=8192, levels=4, scale_bits=30, first_bits=49), 1e-4, 1e-4, 1e-5, 1e-4, (1e-4, 0, 0, 0))
+    fine = costs(8192, 2, refresh=0.01, op=0.001)
+    chosen, table = choose_parameters(server, 2, [coarse, fine])
+    # cheaper on paper, but a 30-bit scale's noise on the smallest normaliser makes 1/x diverge
+    assert table[0]["predicted_seconds"] < table[1]["predicted_seconds"] and not table[0]["precise_enough"]
+    assert chosen is fine
+    with pytest.raises(ValueError, match="precise enough"):
+        choose_parameters(server, 2, [coarse])
