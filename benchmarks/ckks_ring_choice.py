@@ -37,6 +37,10 @@ def main(argv=None) -> None:
     model = build(CONFIGS[name])
     ids = torch.randint(3, 97, (1, args.tokens), generator=torch.Generator().manual_seed(args.tokens))
 
+    with torch.no_grad():
+        plain = model(ids).logits[0].double()
+    reference = SecureSession(model, max_tokens=args.tokens)
+    shapes = reference.server.plan(args.tokens)["matmuls"]
     candidates = []
     for spec in args.rings:
         ring, levels, *scale = (int(v) for v in spec.split(":"))
@@ -45,11 +49,8 @@ def main(argv=None) -> None:
         first = min(60, (MAX_COEFF_MODULUS_BITS_128[ring] - levels * scale_bits) // 2)
         params = CKKSParameters(poly_modulus_degree=ring, levels=levels, scale_bits=scale_bits, first_bits=first)
         print(f"measuring op costs at N={ring}, {levels} levels, scale 2^{scale_bits}", file=sys.stderr, flush=True)
-        candidates.append(measure_op_costs(params))
+        candidates.append(measure_op_costs(params, shapes))
 
-    with torch.no_grad():
-        plain = model(ids).logits[0].double()
-    reference = SecureSession(model, candidates[0].params, max_tokens=args.tokens)
     chosen, table = choose_parameters(reference.server, args.tokens, candidates)
     for row, costs in zip(table, candidates):
         print(f"running N={costs.params.poly_modulus_degree}, {costs.params.levels} levels", file=sys.stderr, flush=True)

@@ -10,6 +10,7 @@ import numpy as np
 import tenseal as ts
 
 from .client import key_id, untag
+from .matmul import PlaintextMatrix, SealBackend
 from .profiler import LatencyProfiler
 from .refresh import Refresher
 
@@ -38,6 +39,7 @@ class CipherEngine:
         self._context_data = context.seal_context().data
         self.top_level = self._context_data.first_context_data().chain_index()
         self.levels_consumed = 0  # every level any ciphertext used up (what the planner predicts)
+        self.seal = SealBackend(context)
 
     def level(self, vector: ts.CKKSVector) -> int:
         """Multiplications `vector` can still take."""
@@ -157,13 +159,19 @@ class Cipher:
         with self.engine.profiler.op("add"):
             return Cipher(-self.vector, self.engine)
 
-    def matmul(self, matrix: list[list[float]]) -> "Cipher":
-        """`self @ matrix` for a plaintext `(size × n)` matrix given as nested lists."""
-        if len(matrix) != self.size:
-            raise ValueError(f"matmul of a size-{self.size} vector with a {len(matrix)}-row matrix")
+    def matmul(self, matrix: "PlaintextMatrix | list[list[float]]") -> "Cipher":
+        """`self @ matrix` for a plaintext `(size × n)` matrix: baby-step giant-step on raw SEAL
+        when the matrix's row count divides the slot count (see `matmul.py`), else TenSEAL's."""
+        if not isinstance(matrix, PlaintextMatrix):
+            matrix = PlaintextMatrix(matrix)
+        if matrix.rows != self.size:
+            raise ValueError(f"matmul of a size-{self.size} vector with a {matrix.rows}-row matrix")
         a = self._fresh_enough()
         with self.engine.profiler.op("pt×ct matmul"):
-            vector = a.vector.matmul(matrix)
+            if self.engine.seal.supports(matrix):
+                vector = self.engine.seal.matmul(a.vector, matrix)
+            else:
+                vector = a.vector.matmul(matrix.as_lists())
         self.engine.levels_consumed += 1
         return Cipher(vector, self.engine)
 

@@ -1,9 +1,9 @@
 """Predicted encrypted time: the planner's operation counts priced by per-operation costs
 measured on this machine, and the ring chosen by that prediction.
 
-`measure_op_costs(params)` times each primitive on one ring (a ct×ct and ct×pt product with
-rescale, an addition, a masked refresh round trip, and plaintext-matrix products of several
-shapes, fitted as `a + b·rows + c·cols + d·rows·cols`). `predict_seconds(plan, costs)` prices a
+`measure_op_costs(params, shapes)` times each primitive on one ring (a ct×ct and ct×pt product
+with rescale, an addition, a masked refresh round trip, and the plaintext-matrix products of the
+given shapes, by the method the server uses for each). `predict_seconds(plan, costs)` prices a
 plan; `choose_parameters(server, tokens, candidates)` plans the same model on each candidate
 ring (no ciphertext needed: a plan only needs the number of levels) and returns the cheapest
 among those whose precision the model's attention normaliser tolerates.
@@ -16,26 +16,25 @@ import numpy as np
 
 from .cipher import CipherEngine
 from .client import CKKSClient
+from .matmul import PlaintextMatrix
 from .params import CKKSParameters
 from .refresh import ClientRoundTrip
 
-MATMUL_SHAPES = ((8, 8), (32, 32), (64, 64), (64, 256), (256, 64), (128, 128))
-
-
 @dataclass(frozen=True)
 class OpCosts:
-    """Seconds per primitive on one ring."""
+    """Seconds per primitive on one ring; `matmul` per `(rows, cols)` shape measured."""
 
     params: CKKSParameters
     ct_ct: float
     ct_pt: float
     add: float
     refresh: float
-    matmul_fit: tuple[float, float, float, float]  # a, b, c, d of a + b·rows + c·cols + d·rows·cols
+    matmul: dict[tuple[int, int], float]
 
-    def matmul(self, rows: int, cols: int) -> float:
-        a, b, c, d = self.matmul_fit
-        return max(a + b * rows + c * cols + d * rows * cols, 0.0)
+    def matmul_seconds(self, shape: tuple[int, int]) -> float:
+        if shape not in self.matmul:
+            raise ValueError(f"no measured cost for a {shape[0]}×{shape[1]} product; measure it with shapes=[...]")
+        return self.matmul[shape]
 
 
 def _best_of(repeats: int, function) -> float:
@@ -47,8 +46,9 @@ def _best_of(repeats: int, function) -> float:
     return best
 
 
-def measure_op_costs(params: CKKSParameters, repeats: int = 3, seed: int = 0) -> OpCosts:
-    """Time each primitive on `params`' ring (new keys; a few seconds at N=8192)."""
+def measure_op_costs(params: CKKSParameters, shapes, repeats: int = 3, seed: int = 0) -> OpCosts:
+    """Time each primitive on `params`' ring (new keys), and the plaintext-matrix products of
+    `shapes` by the method `Cipher.matmul` uses for them (e.g. `server.plan(T)["matmuls"]`)."""
     rng = np.random.default_rng(seed)
     client = CKKSClient(params)
     engine = CipherEngine(client.public_context(), ClientRoundTrip(client, seed=seed))
@@ -61,13 +61,12 @@ def measure_op_costs(params: CKKSParameters, repeats: int = 3, seed: int = 0) ->
     ct_pt = _best_of(repeats, lambda: x * 0.5)
     add = _best_of(repeats, lambda: x + y)
     refresh = _best_of(repeats, lambda: engine.refresh(x))
-    rows_cols, seconds = [], []
-    for rows, cols in MATMUL_SHAPES:
-        vector, matrix = fresh(rows), rng.uniform(-1, 1, (rows, cols)).tolist()
-        seconds.append(_best_of(repeats, lambda: vector.matmul(matrix)))
-        rows_cols.append((1.0, rows, cols, rows * cols))
-    fit = np.linalg.lstsq(np.array(rows_cols), np.array(seconds), rcond=None)[0]
-    return OpCosts(params, ct_ct, ct_pt, add, refresh, tuple(float(v) for v in fit))
+    matmul = {}
+    for rows, cols in sorted(set(shapes)):
+        vector, matrix = fresh(rows), PlaintextMatrix(rng.uniform(-1, 1, (rows, cols)))
+        vector.matmul(matrix)  # encodes the diagonals once, as a server does for its weights
+        matmul[(rows, cols)] = _best_of(repeats, lambda: vector.matmul(matrix))
+    return OpCosts(params, ct_ct, ct_pt, add, refresh, matmul)
 
 
 def predict_seconds(plan: dict, costs: OpCosts) -> float:
@@ -75,7 +74,7 @@ def predict_seconds(plan: dict, costs: OpCosts) -> float:
     ops = plan["ops"]
     seconds = ops.get("ct×ct", 0) * costs.ct_ct + ops.get("ct×pt", 0) * costs.ct_pt + ops.get("add", 0) * costs.add
     seconds += plan["refreshes"] * costs.refresh
-    seconds += sum(count * costs.matmul(rows, cols) for (rows, cols), count in plan["matmuls"].items())
+    seconds += sum(count * costs.matmul_seconds(shape) for shape, count in plan["matmuls"].items())
     return seconds
 
 

@@ -9,6 +9,7 @@ import copy
 from collections import Counter
 from numbers import Real
 
+from .matmul import PlaintextMatrix
 from .profiler import LatencyProfiler
 
 
@@ -64,11 +65,11 @@ class PlannedCipher:
     def __neg__(self):
         return self
 
-    def matmul(self, matrix) -> "PlannedCipher":
+    def matmul(self, matrix: PlaintextMatrix) -> "PlannedCipher":
         a = self._fresh_enough()
         self.engine.levels_consumed += 1
-        self.engine.matmuls[(self.size, len(matrix[0]))] += 1
-        return PlannedCipher(len(matrix[0]), a.level - 1, self.engine)
+        self.engine.matmuls[matrix.shape] += 1
+        return PlannedCipher(matrix.cols, a.level - 1, self.engine)
 
     def serialize(self) -> None:
         return None

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .cipher import Cipher, CipherEngine
+from .matmul import PlaintextMatrix
 from .profiler import LatencyProfiler
 from .refresh import Refresher
 
@@ -59,19 +60,19 @@ class EncryptedLayer:
         self.score_factor = attention.scaling / attention.score_scale
         self.wq = gamma1 * weight(attention.q_proj)
         self.wk = gamma1 * weight(attention.k_proj)
-        self.wv = ((gamma1 * weight(attention.v_proj)) @ expand_kv).tolist()
+        self.wv = PlaintextMatrix((gamma1 * weight(attention.v_proj)) @ expand_kv)
         self.expand_kv = expand_kv
-        self.wo = weight(attention.o_proj).tolist()
-        self.wgate = (gamma2 * weight(layer.mlp.gate_proj)).tolist()
-        self.wup = (gamma2 * weight(layer.mlp.up_proj)).tolist()
-        self.wdown = weight(layer.mlp.down_proj).tolist()
+        self.wo = PlaintextMatrix(weight(attention.o_proj))
+        self.wgate = PlaintextMatrix(gamma2 * weight(layer.mlp.gate_proj))
+        self.wup = PlaintextMatrix(gamma2 * weight(layer.mlp.up_proj))
+        self.wdown = PlaintextMatrix(weight(layer.mlp.down_proj))
         # The normaliser's 1/x can exceed what the ring holds: scale the powers by `balance` (its
         # p-th root folded into the head sums) and take 1/(balance·normaliser), so the powers and
         # the reciprocal both stay below sqrt(high/low) while their product is unchanged.
         low, high = attention.reciprocal.approximation.domain
         self.balance = 1.0 / math.sqrt(low * high)
-        self.head_sum = (np.kron(np.eye(self.heads), np.ones((self.head_dim, 1))) * self.balance ** (1 / config.attn_power)).tolist()
-        self.head_expand = np.kron(np.eye(self.heads), np.ones((1, self.head_dim))).tolist()
+        self.head_sum = PlaintextMatrix(np.kron(np.eye(self.heads), np.ones((self.head_dim, 1))) * self.balance ** (1 / config.attn_power))
+        self.head_expand = PlaintextMatrix(np.kron(np.eye(self.heads), np.ones((1, self.head_dim))))
         self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
         self.reciprocal = attention.reciprocal.approximation.rescaled(self.balance)
         self.activation = layer.mlp.act_fn.approximation
@@ -81,7 +82,7 @@ class EncryptedLayer:
         self._rotary = model_rotary
         self._per_position: dict[int, tuple] = {}
 
-    def projections_at(self, position: int) -> tuple[list, list]:
+    def projections_at(self, position: int) -> tuple[PlaintextMatrix, PlaintextMatrix]:
         """`W_q`, `W_k` with RoPE of `position` (and the score scaling) folded in."""
         # Each position is used once per sequence: keep only the latest (a dict of every
         # position would hold L·T matrices as Python lists: gigabytes at d=576, T=128).
@@ -92,7 +93,7 @@ class EncryptedLayer:
             rope = _rope_matrix(cos[0, 0].double().numpy(), sin[0, 0].double().numpy())
             wq = self.wq @ np.kron(np.eye(self.heads), rope) * self.score_factor
             wk = self.wk @ np.kron(np.eye(self.kv_heads), rope) @ self.expand_kv
-            self._per_position[position] = (wq.tolist(), wk.tolist())
+            self._per_position[position] = (PlaintextMatrix(wq), PlaintextMatrix(wk))
         return self._per_position[position]
 
 
@@ -141,7 +142,11 @@ class CKKSServer:
         self.layers = [EncryptedLayer(layer, config, base.rotary_emb) for layer in base.layers]
         self.final_norm = base.norm
         gamma = base.norm.weight.detach().double().numpy()[:, None]
-        self.head = (gamma * model.lm_head.weight.detach().double().numpy().T).tolist() if lm_head else None
+        self.head = PlaintextMatrix(gamma * model.lm_head.weight.detach().double().numpy().T) if lm_head else None
+        size = config.hidden_size
+        # the norms' mean of squares and the broadcast of its inverse square root
+        self.mean_of = PlaintextMatrix(np.full((size, 1), 1.0 / size))
+        self.broadcast = PlaintextMatrix(np.ones((1, size)))
         self._check_budget()
         self.reset()
 
@@ -183,10 +188,9 @@ class CKKSServer:
 
     def _norm(self, x: Cipher, norm) -> Cipher:
         with self.profiler.step("norm"):
-            size = x.size
-            mean = (x * x).matmul([[1.0 / size] for _ in range(size)])
+            mean = (x * x).matmul(self.mean_of)
             inv = norm.inv_sqrt.approximation.circuit(mean + norm.variance_epsilon)
-            return x * inv.matmul([[1.0] * size])
+            return x * inv.matmul(self.broadcast)
 
     def _attention(self, index: int, layer: EncryptedLayer, y: Cipher) -> Cipher:
         wq, wk = layer.projections_at(self.position)

@@ -7,8 +7,12 @@ from hf_polyattn.ckks.costs import OpCosts, choose_parameters, predict_seconds
 from tests.helpers import polynomial_tiny
 
 
-def costs(ring: int, levels: int, refresh: float, op: float) -> OpCosts:
-    return OpCosts(CKKSParameters(poly_modulus_degree=ring, levels=levels), op, op, op / 10, refresh, (op, 0.0, 0.0, 0.0))
+SHAPES = {(32, 32), (32, 1), (1, 32), (32, 64), (64, 32), (32, 4), (4, 32), (32, 97)}  # the 1-layer tiny model's
+
+
+def costs(ring: int, levels: int, refresh: float, op: float, **params) -> OpCosts:
+    parameters = CKKSParameters(poly_modulus_degree=ring, levels=levels, **params)
+    return OpCosts(parameters, op, op, op / 10, refresh, {shape: op for shape in SHAPES})
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +30,7 @@ def test_more_levels_mean_fewer_refreshes_for_the_same_circuit(server):
 
 def test_prediction_is_counts_times_costs(server):
     plan = server.plan(2)
+    assert set(plan["matmuls"]) == SHAPES
     unit = costs(8192, 2, refresh=1.0, op=0.0)
     assert predict_seconds(plan, unit) == pytest.approx(plan["refreshes"])
     per_op = costs(8192, 2, refresh=0.0, op=1.0)
@@ -42,10 +47,13 @@ def test_choice_follows_the_costs(server):
     assert chosen is large and table[0]["predicted_seconds"] > table[1]["predicted_seconds"]
     with pytest.raises(ValueError, match="no candidate"):
         choose_parameters(server, 2, [])
+    unmeasured = OpCosts(small.params, 0.0, 0.0, 0.0, 0.0, {})
+    with pytest.raises(ValueError, match="no measured cost"):
+        predict_seconds(server.plan(1), unmeasured)
 
 
 def test_rings_too_imprecise_for_the_normaliser_are_refused(server):
-    coarse = OpCosts(CKKSParameters(poly_modulus_degree=8192, levels=4, scale_bits=30, first_bits=49), 1e-4, 1e-4, 1e-5, 1e-4, (1e-4, 0, 0, 0))
+    coarse = costs(8192, 4, refresh=1e-4, op=1e-4, scale_bits=30, first_bits=49)
     fine = costs(8192, 2, refresh=0.01, op=0.001)
     chosen, table = choose_parameters(server, 2, [coarse, fine])
     # cheaper on paper, but a 30-bit scale's noise on the smallest normaliser makes 1/x diverge
