@@ -58,11 +58,6 @@ class CipherEngine:
                 raise ValueError(f"not a ciphertext of this context: {error}") from error
         return Cipher(vector, self)
 
-    def encrypt_public(self, values) -> "Cipher":
-        """Encrypt public values (a mask, a constant vector) with the public key."""
-        with self.profiler.op("encrypt"):
-            return Cipher(ts.ckks_vector(self.context, np.asarray(values, dtype=np.float64).tolist()), self)
-
     def refresh(self, cipher: "Cipher") -> "Cipher":
         if self.refresher is None:
             raise DepthExceededError(
@@ -117,6 +112,8 @@ class Cipher:
             with profiler.op("ct×ct mult"):
                 vector = a.vector * b.vector
         else:
+            if other != 0 and abs(other) * self.engine.context.global_scale < 1:
+                raise ValueError(f"the constant {other!r} encodes to zero at this scale; drop the term")
             with profiler.op("ct×pt mult"):
                 vector = a.vector * float(other)
         self.engine.levels_consumed += 1

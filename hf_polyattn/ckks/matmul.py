@@ -122,10 +122,20 @@ class SealBackend:
         total.scale = self.scale
         return self._to_vector(total, matrix.cols)
 
-    def _to_vector(self, ct: sealapi.Ciphertext, size: int) -> ts.CKKSVector:
-        # TenSEAL has no constructor from a SEAL ciphertext: write its serialized form
-        # (CKKSVectorProto: 1 = size, 2 = SEAL ciphertext bytes, 3 = TenSEAL's initial scale,
-        # the context's global scale for every vector this package makes).
+    def add_plain(self, vector: ts.CKKSVector, values: np.ndarray) -> sealapi.Ciphertext:
+        """`vector + values` with `values` (one per slot of the vector) repeated over every slot,
+        the layout TenSEAL gives the vector itself (a plain list would be zero-padded: #462)."""
+        ct = vector.ciphertext()[0]
+        plain = sealapi.Plaintext()
+        self.encoder.encode(np.resize(values, self.slots).tolist(), ct.parms_id(), ct.scale, plain)
+        self.evaluator.add_plain_inplace(ct, plain)
+        return ct
+
+    def serialize(self, ct: sealapi.Ciphertext, size: int) -> bytes:
+        """TenSEAL's serialized form of a `size`-value vector held in `ct` (CKKSVectorProto:
+        1 = size, 2 = SEAL ciphertext bytes, 3 = TenSEAL's initial scale, the context's global
+        scale for every vector this package makes): TenSEAL has no constructor from a SEAL
+        ciphertext."""
         ct.save(self._scratch)
         with open(self._scratch, "rb") as handle:
             payload = handle.read()
@@ -134,7 +144,10 @@ class SealBackend:
             + b"\x12" + _varint(len(payload)) + payload
             + b"\x19" + struct.pack("<d", self.scale)
         )
-        return ts.ckks_vector_from(self.context, message)
+        return message
+
+    def _to_vector(self, ct: sealapi.Ciphertext, size: int) -> ts.CKKSVector:
+        return ts.ckks_vector_from(self.context, self.serialize(ct, size))
 
 
 def _varint(value: int) -> bytes:

@@ -6,6 +6,7 @@ import numpy as np
 import tenseal as ts
 
 from .client import untag
+from .matmul import SealBackend
 
 
 class Refresher(Protocol):
@@ -15,9 +16,10 @@ class Refresher(Protocol):
 
 
 class ClientRoundTrip:
-    """Masked round trip to the client: the server adds a fresh uniform mask `r ∈ [-R, R]^n`
-    (encrypted with the public key), the client decrypts and re-encrypts `x + r`, the server
-    subtracts `r` homomorphically.
+    """Masked round trip to the client: the server adds a fresh uniform mask `r ∈ [-R, R]^n` (a
+    plaintext, repeated over every slot like the vector itself), the client decrypts and
+    re-encrypts `x + r`, the server subtracts `r`. The client never learns `r`, so the mask needs
+    no encryption; only fresh ciphertexts ever reach the server.
 
     Hiding: for activations bounded by `|x| ≤ B`, each slot the client sees is within
     statistical distance `B / R` of uniform; with the default `R = 2^16` and `B ≈ 2^5` that is
@@ -29,15 +31,24 @@ class ClientRoundTrip:
         self.client = client
         self.mask_bound = mask_bound
         self.rng = np.random.default_rng(seed)
+        self._backends: dict[int, SealBackend] = {}
+
+    def _backend(self, context: ts.Context) -> SealBackend:
+        key = id(context.data)
+        if key not in self._backends:
+            self._backends[key] = SealBackend(context)
+        return self._backends[key]
 
     def __call__(self, vector: ts.CKKSVector, profiler) -> ts.CKKSVector:
-        mask = self.rng.uniform(-self.mask_bound, self.mask_bound, vector.size()).tolist()
         context = vector.context()  # the server's public context
+        backend = self._backend(context)
+        size = vector.size()
         with profiler.op("refresh"):
-            # encrypted masks, not plain lists: TenSEAL zero-pads plain lists (issue #462)
-            masked = self.client.key_id + (vector + ts.ckks_vector(context, mask)).serialize()
+            mask = self.rng.uniform(-self.mask_bound, self.mask_bound, size)
+            masked = self.client.key_id + backend.serialize(backend.add_plain(vector, mask), size)
             profiler.bytes["to_client"] += len(masked)
             fresh = untag(self.client.refresh(masked), self.client.key_id)
             profiler.bytes["to_server"] += len(fresh)
             profiler.refreshes += 1
-            return ts.ckks_vector_from(context, fresh) - ts.ckks_vector(context, mask)
+            unmasked = backend.add_plain(ts.ckks_vector_from(context, fresh), -mask)
+            return ts.ckks_vector_from(context, backend.serialize(unmasked, size))

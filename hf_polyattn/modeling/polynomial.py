@@ -64,6 +64,9 @@ class LevelCounter:
 # ---------------------------------------------------------------------------------------------
 
 
+NEGLIGIBLE_COEFFICIENT = 1e-12
+
+
 def chebyshev_series(t, coefficients: list[float]):
     """`Σ_k c_k T_k(t)` for `t` in [-1, 1], depth `ceil(log2 d) + 1` for degree `d >= 1`.
 
@@ -87,7 +90,9 @@ def chebyshev_series(t, coefficients: list[float]):
             basis[k] = product + product - basis[high - low]
     total = None
     for k in range(1, degree + 1):
-        if coefficients[k] != 0.0:
+        # Terms below 1e-12 (an odd function's even coefficients, ...) are rounding noise of the fit:
+        # dropped on both sides, since a CKKS scalar that small encodes to an all-zero plaintext.
+        if abs(coefficients[k]) > NEGLIGIBLE_COEFFICIENT:
             term = coefficients[k] * basis[k]
             total = term if total is None else total + term
     return total + coefficients[0] if total is not None else coefficients[0]
