@@ -1,8 +1,10 @@
 """The server: a PolyAttn model in polynomial form evaluated on ciphertexts, token by token.
 
-Packing (one token at a time, as in generation): a token's hidden state is one ciphertext of `d`
-slots. Every linear step is a plaintext-matrix × ciphertext product (TenSEAL's `matmul`, one
-level), with what is public folded into the matrices:
+Packing (one token at a time, as in generation): a token's hidden state is one ciphertext
+holding its `d` values repeated over all N/2 slots (TenSEAL's layout). Every linear step is a
+plaintext-matrix × ciphertext product (one level): baby-step giant-step on raw SEAL,
+`≈ 2·sqrt(rows)` rotations and `rows` plaintext products, when `rows` divides N/2, else
+TenSEAL's `matmul` (`matmul.py`). What is public is folded into the matrices:
 
 - the norm weights `γ` into the next projection; RoPE of position `t` into `W_q` / `W_k` (a
   block-diagonal rotation, positions are public); `1/sqrt(head_dim)` and the score scale
@@ -11,9 +13,11 @@ level), with what is public folded into the matrices:
   back into expansion matrices.
 
 Attention of query `t` runs over the encrypted K/V of tokens `≤ t` kept from earlier steps
-(the encrypted KV cache), so a token costs one incremental step. Per layer and token: 3 + 4
-matmuls for the projections and MLP, 2·(t+1) matmuls and 2·(t+1) ct×ct products for scores and
-AV, and the approximations of `hf_polyattn.modeling.polynomial` evaluated on the ciphertexts.
+(the encrypted KV cache), so a token costs one incremental step. Per layer and token (d=64,
+4 heads, MLP 128, N=8192): 7 projection products (q, k, v, o: 14 rotations each; gate, up: 14;
+down: 22), 4 norm products (mean: 14 rotations, broadcast: 0), 2·(t+1) head products (sums: 14
+rotations, broadcasts: 2) with 2·(t+1) ct×ct products for scores and AV, and the
+approximations of `hf_polyattn.modeling.polynomial` evaluated on the ciphertexts.
 """
 
 import math

@@ -41,6 +41,12 @@ def test_one_layer_gqa_model_over_ciphertexts(client):
 
 
 @pytest.mark.slow
+def test_sixteen_tokens_through_the_encrypted_kv_cache(client):
+    model = polynomial_tiny(num_hidden_layers=1, max_position_embeddings=32)
+    check_against_plaintext(model, client, random_ids(1, 16, seed=13))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["sum", "mean"])
 def test_two_layer_model_over_ciphertexts(client, form):
     model = polynomial_tiny(num_hidden_layers=2, attn_form=form, num_key_value_heads=4)
