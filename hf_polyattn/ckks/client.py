@@ -11,9 +11,8 @@ from .params import CKKSParameters
 class CKKSClient:
     """Makes the keys, encrypts, decrypts, and answers refresh requests.
 
-    The server gets `public_context()`: the relinearisation and Galois keys (evaluation keys;
-    there is no public key since the client encrypts with its secret key), never the secret
-    key. A refresh decrypts and re-encrypts exactly what the server sent: values the
+    The server gets `public_context()`: the public, relinearisation and Galois keys, never the
+    secret key. A refresh decrypts and re-encrypts exactly what the server sent: values the
     server has masked, so the client learns nothing about the model's activations.
     """
 
@@ -23,9 +22,9 @@ class CKKSClient:
             ts.SCHEME_TYPE.CKKS,
             poly_modulus_degree=self.params.poly_modulus_degree,
             coeff_mod_bit_sizes=list(self.params.coeff_mod_bit_sizes),
-            # Secret-key encryption: twice as fast, and the server never encrypts anything (its
-            # refresh masks are plaintexts), so it needs no public key, only evaluation keys.
-            encryption_type=ts.ENCRYPTION_TYPE.SYMMETRIC,
+            # Public-key encryption (TenSEAL's default), although secret-key encryption is twice as
+            # fast: TenSEAL's own matmul, the fallback for shapes BSGS does not take, encrypts
+            # internally and fails on a context without a public key.
         )
         self._context.global_scale = 2.0**self.params.scale_bits
         self._context.generate_galois_keys()

@@ -116,7 +116,7 @@ def require_encryptable(model) -> None:
 
 
 class CKKSServer:
-    """Evaluates a polynomial-form PolyAttn model on ciphertexts; holds only evaluation keys.
+    """Evaluates a polynomial-form PolyAttn model on ciphertexts; holds only public keys.
 
     Args:
         model: a `PolyAttnForCausalLM` in calibrated polynomial form (its plaintext twin).

@@ -83,3 +83,9 @@ def test_reported_depth_is_the_depth_of_the_server_circuit(client, form, power):
     model = polynomial_tiny(num_hidden_layers=2, attn_form=form, attn_power=power, attn_eps=1.0)
     server = CKKSServer(model, client.public_context(), ClientRoundTrip(client))
     assert circuit_depth(server) == model.polynomial_report()["total_depth"]
+
+
+def test_shapes_outside_bsgs_fall_back_to_tenseal_matmul(client):
+    # d=48: 48 rows do not divide the 4096 slots, so those products take TenSEAL's matmul
+    model = polynomial_tiny(num_hidden_layers=1, hidden_size=48, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
+    check_against_plaintext(model, client, random_ids(1, 2, seed=14))
