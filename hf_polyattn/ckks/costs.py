@@ -17,7 +17,7 @@ import numpy as np
 from .cipher import CipherEngine
 from .client import CKKSClient
 from .matmul import PlaintextMatrix
-from .params import CKKSParameters
+from .params import PRECISION_LIMIT, CKKSParameters
 from .refresh import ClientRoundTrip
 
 @dataclass(frozen=True)
@@ -78,15 +78,9 @@ def predict_seconds(plan: dict, costs: OpCosts) -> float:
     return seconds
 
 
-# Largest tolerated ratio of a ring's absolute precision to the smallest attention normaliser the
-# server takes 1/x of (after balancing): beyond it the reciprocal's iterations amplify the noise
-# (a 30-bit scale on the tiny models diverges to errors of 1e13; 40 bits stays below 1e-3).
-PRECISION_LIMIT = 1e-3
-
-
 def precision_ratio(server, params: CKKSParameters) -> float:
     """`params.precision` over the smallest (balanced) normaliser of `server`'s model."""
-    return params.precision / min(layer.reciprocal.domain[0] for layer in server.layers)
+    return params.precision / server.smallest_normaliser()
 
 
 def choose_parameters(server, num_tokens: int, candidates: list[OpCosts]) -> tuple[OpCosts, list[dict]]:

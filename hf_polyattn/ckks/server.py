@@ -27,6 +27,7 @@ import torch
 
 from .cipher import Cipher, CipherEngine
 from .matmul import PlaintextMatrix
+from .params import PRECISION_LIMIT, ckks_precision
 from .profiler import LatencyProfiler
 from .refresh import Refresher
 
@@ -169,6 +170,14 @@ class CKKSServer:
                     f"its balanced powers and reciprocal reach {math.sqrt(high / low):.3g}, beyond what this ring holds "
                     f"(~{limit:.3g}); raise attn_eps or the ring's first prime"
                 )
+        context = self.engine.context
+        precision = ckks_precision(math.log2(context.global_scale), context.seal_context().data.first_context_data().parms().poly_modulus_degree())
+        if precision / self.smallest_normaliser() > PRECISION_LIMIT:
+            raise ValueError(
+                f"this ring's precision (~{precision:.1e}) is too coarse for the model's attention normaliser "
+                f"(smallest balanced value {self.smallest_normaliser():.2e}, ratio above {PRECISION_LIMIT}): 1/x would "
+                "amplify the noise into wrong logits. Raise attn_eps (relative to the score scale^p) or scale_bits"
+            )
         if self.engine.refresher is None:
             needed = max(
                 op.depth
@@ -180,6 +189,10 @@ class CKKSServer:
                     f"the model needs {needed} levels in one approximation but the ring has {self.engine.top_level} "
                     "and refreshing is disabled"
                 )
+
+    def smallest_normaliser(self) -> float:
+        """The smallest attention normaliser (balanced) any layer takes 1/x of."""
+        return min(layer.reciprocal.domain[0] for layer in self.layers)
 
     def reset(self) -> None:
         """Start a new sequence: drop the encrypted KV cache."""

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_polyattn.ckks import CKKSClient, CKKSServer, ClientRoundTrip
+from hf_polyattn.ckks import CKKSClient, CKKSParameters, CKKSServer, ClientRoundTrip
 from hf_polyattn.ckks.planner import circuit_depth
 from hf_polyattn.ckks.session import SecureSession
 from tests.helpers import polynomial_tiny, random_ids, tiny_model
@@ -68,6 +68,9 @@ def test_bad_inputs_fail_before_any_long_computation(client):
     narrow.to_polynomial(calibration_data=[random_ids(4, 16, seed=s) for s in range(4)], progress=False)
     with pytest.raises(ValueError, match="beyond what this ring holds"):
         CKKSServer(narrow, public, ClientRoundTrip(client))
+    coarse = CKKSClient(CKKSParameters(levels=4, scale_bits=30, first_bits=49))  # 128-bit, but 2^-12 precision
+    with pytest.raises(ValueError, match="too coarse"):
+        CKKSServer(model, coarse.public_context(), ClientRoundTrip(coarse))
     session = SecureSession(model, client=client, max_tokens=3)
     with pytest.raises(ValueError, match="max_tokens=3"):
         session.logits(random_ids(1, 4)[0])
