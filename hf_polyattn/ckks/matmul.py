@@ -17,6 +17,7 @@ import math
 import os
 import struct
 import tempfile
+import weakref
 
 import numpy as np
 import tenseal as ts
@@ -79,7 +80,10 @@ class SealBackend:
         self.galois_keys = context.galois_keys().data
         self.slots = self.encoder.slot_count()
         self.scale = context.global_scale
-        self._scratch = os.path.join(tempfile.gettempdir(), f"polyattn-ct-{os.getpid()}-{id(self)}.bin")
+        # SEAL serialises to a path only: use memory-backed /dev/shm where there is one
+        folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+        self._scratch = os.path.join(folder, f"polyattn-ct-{os.getpid()}-{id(self)}.bin")
+        weakref.finalize(self, _remove, self._scratch)
 
     def supports(self, matrix: PlaintextMatrix) -> bool:
         return self.slots % matrix.rows == 0
@@ -148,6 +152,11 @@ class SealBackend:
 
     def _to_vector(self, ct: sealapi.Ciphertext, size: int) -> ts.CKKSVector:
         return ts.ckks_vector_from(self.context, self.serialize(ct, size))
+
+
+def _remove(path: str) -> None:
+    if os.path.exists(path):
+        os.remove(path)
 
 
 def _varint(value: int) -> bytes:

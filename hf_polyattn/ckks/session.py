@@ -86,7 +86,7 @@ class SecureSession:
         self._expected_steps = expected_steps
 
     def _close_bar(self) -> None:
-        if getattr(self, "_bar", None) is not None:
+        if self._bar is not None:
             self._bar.close()
         self._bar = None
 
@@ -103,8 +103,7 @@ class SecureSession:
         embeddings = self.model.get_input_embeddings()(input_ids).double().numpy()
         rows = []
         if self._bar is None:  # one bar per sequence, across calls
-            total = getattr(self, "_expected_steps", None)
-            self._bar = tqdm(total=total, desc="encrypted tokens", unit="token", disable=not self.progress)
+            self._bar = tqdm(total=self._expected_steps, desc="encrypted tokens", unit="token", disable=not self.progress)
         for embedding in embeddings:
             start = time.perf_counter()
             with self.profiler.op("encrypt"):
