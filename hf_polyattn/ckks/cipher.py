@@ -6,7 +6,6 @@ alone, so they run on `Cipher`s unchanged: the server evaluates exactly the plai
 
 from numbers import Real
 
-import numpy as np
 import tenseal as ts
 
 from .client import key_id, untag
