@@ -17,44 +17,33 @@ level. Reports seconds per product (best of --repeats) and max error against num
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import tenseal as ts
 import tenseal.sealapi as sealapi
 
+from hf_polyattn.ckks.costs import best_of
+from hf_polyattn.ckks.matmul import SealBackend, bsgs_split
+from report import command_line, write_results
 
-class RawSeal:
-    """A CKKS context with its secret key, and the sealapi objects the methods need (the
-    benchmark decrypts with raw SEAL to check the products)."""
+
+class RawSeal(SealBackend):
+    """The package's raw-SEAL backend on a context with its secret key (the benchmark decrypts
+    with raw SEAL to check the products), rotating with Galois keys for exactly `steps`."""
 
     def __init__(self, ring: int, steps: set[int]):
-        self.context = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=ring, coeff_mod_bit_sizes=[60, 40, 40, 60])
-        self.context.global_scale = 2.0**40
-        self.context.generate_galois_keys()  # TenSEAL's own matmul uses the power-of-two set
-        self.data = self.context.seal_context().data
-        self.encoder = sealapi.CKKSEncoder(self.data)
-        self.evaluator = sealapi.Evaluator(self.data)
-        self.decryptor = sealapi.Decryptor(self.data, self.context.secret_key().data)
-        self.slots = ring // 2
+        context = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=ring, coeff_mod_bit_sizes=[60, 40, 40, 60])
+        context.global_scale = 2.0**40
+        context.generate_galois_keys()  # TenSEAL's own matmul uses the power-of-two set
+        super().__init__(context)
+        data = context.seal_context().data
+        self.decryptor = sealapi.Decryptor(data, context.secret_key().data)
         # Galois keys for exactly the steps used (element = 3^step mod 2N; SEAL wants elements)
-        generator = sealapi.KeyGenerator(self.data, self.context.secret_key().data)
-        self.step_keys = sealapi.GaloisKeys()
+        generator = sealapi.KeyGenerator(data, context.secret_key().data)
+        self.galois_keys = sealapi.GaloisKeys()
         elements = sorted({pow(3, step, 2 * ring) for step in steps if step})
-        generator.create_galois_keys(elements, self.step_keys)
-
-    def encode(self, values: np.ndarray, parms_id) -> sealapi.Plaintext:
-        plain = sealapi.Plaintext()
-        padded = np.zeros(self.slots)
-        padded[: len(values)] = values
-        self.encoder.encode(padded.tolist(), parms_id, self.context.global_scale, plain)
-        return plain
-
-    def rotate(self, ct, step: int):
-        out = sealapi.Ciphertext()
-        self.evaluator.rotate_vector(ct, step, self.step_keys, out)
-        return out
+        generator.create_galois_keys(elements, self.galois_keys)
 
     def decrypt(self, ct, size: int) -> np.ndarray:
         plain = sealapi.Plaintext()
@@ -70,51 +59,16 @@ def diagonals(matrix: np.ndarray) -> list[np.ndarray]:
     return [matrix[(j + k) % rows, j] for k in range(rows)]
 
 
-def multiply_sum(seal: RawSeal, terms) -> "sealapi.Ciphertext":
-    total = None
-    for ct, plain in terms:
-        product = sealapi.Ciphertext()
-        seal.evaluator.multiply_plain(ct, plain, product)
-        if total is None:
-            total = product
-        else:
-            seal.evaluator.add_inplace(total, product)
-    return total
-
-
-def running_rotations(seal: RawSeal, ct, count: int) -> list:
-    """`rot(ct, k)` for k < count, each from the previous by one step: one Galois key."""
-    rotations = [ct]
-    for _ in range(count - 1):
-        rotations.append(seal.rotate(rotations[-1], 1))
-    return rotations
-
-
 def diagonal_method(seal: RawSeal, ct, plains: list) -> "sealapi.Ciphertext":
-    total = multiply_sum(seal, zip(running_rotations(seal, ct, len(plains)), plains))
-    seal.evaluator.rescale_to_next_inplace(total)
-    return total
-
-
-def bsgs_split(rows: int) -> tuple[int, int]:
-    n1 = 2 ** math.ceil(math.log2(math.sqrt(rows)))
-    return n1, math.ceil(rows / n1)
-
-
-def bsgs_method(seal: RawSeal, ct, plains: dict, rows: int) -> "sealapi.Ciphertext":
-    n1, n2 = bsgs_split(rows)
-    baby = running_rotations(seal, ct, n1)
-    total = None
-    for g in reversed(range(n2)):  # Horner over the giant steps: one key for the step n1
-        inner = multiply_sum(seal, [(baby[b], plains[(g, b)]) for b in range(n1) if (g, b) in plains])
-        if total is not None:
-            seal.evaluator.add_inplace(inner, seal.rotate(total, n1))
-        total = inner
+    total = seal.multiply_sum(zip(seal.chained_rotations(ct, len(plains)), plains))
     seal.evaluator.rescale_to_next_inplace(total)
     return total
 
 
 def bsgs_plains(seal: RawSeal, diags: list[np.ndarray], parms_id) -> dict:
+    """The diagonals for `SealBackend.bsgs`, valid on the first `cols` slots: unlike the
+    package's `PlaintextMatrix` (full-period diagonals, `rows` dividing the slots), this works
+    for any `rows` whose periods of `x` fill the slots the rotations read."""
     rows = len(diags)
     n1, n2 = bsgs_split(rows)
     plains = {}
@@ -129,15 +83,6 @@ def bsgs_plains(seal: RawSeal, diags: list[np.ndarray], parms_id) -> dict:
             shifted[g * n1 :] = diags[k]
             plains[(g, b)] = seal.encode(shifted, parms_id)
     return plains
-
-
-def best_of(repeats: int, function) -> tuple[float, object]:
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = function()
-        best = min(best, time.perf_counter() - start)
-    return best, result
 
 
 def main(argv=None) -> None:
@@ -171,7 +116,7 @@ def main(argv=None) -> None:
         t_diag, out = best_of(args.repeats, lambda: diagonal_method(seal, ct, plains))
         e_diag = np.abs(seal.decrypt(out, cols) - exact).max()
         bsgs = bsgs_plains(seal, diags, parms)
-        t_bsgs, out = best_of(args.repeats, lambda: bsgs_method(seal, ct, bsgs, rows))
+        t_bsgs, out = best_of(args.repeats, lambda: seal.bsgs(ct, bsgs, rows))
         e_bsgs = np.abs(seal.decrypt(out, cols) - exact).max()
         n1, n2 = bsgs_split(rows)
         fastest = min((t_tenseal, "TenSEAL"), (t_diag, "diagonal"), (t_bsgs, "BSGS"))[1]
@@ -180,16 +125,14 @@ def main(argv=None) -> None:
             f"{n1 - 1 + n2 - 1} | {fastest} | {e_tenseal:.1e} / {e_diag:.1e} / {e_bsgs:.1e} |"
         )
         print(lines[-1], file=sys.stderr, flush=True)
-    command = "python benchmarks/ckks_matmul_methods.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line(__file__, argv)
     text = (
         "# Plaintext-matrix × ciphertext: which method wins for which shape\n\n"
-        f"Command: `{command.strip()}` (TenSEAL {ts.__version__}, N={args.ring}, chain [60, 40, 40, 60], CPU, "
+        f"Command: `{command}` (TenSEAL {ts.__version__}, N={args.ring}, chain [60, 40, 40, 60], CPU, "
         "2 cores; best of the repeats). Diagonals are encoded once (weights are fixed); the sealapi methods use "
         "Galois keys for exactly their rotation steps.\n\n" + "\n".join(lines) + "\n"
     )
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(text)
-    print(text)
+    write_results(args.results, text)
 
 
 if __name__ == "__main__":

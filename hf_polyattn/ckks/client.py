@@ -47,8 +47,8 @@ class CKKSClient:
     def encrypt(self, values) -> bytes:
         """A ciphertext, tagged with this client's key id (see `key_id`)."""
         values = np.asarray(values, dtype=np.float64).ravel()
-        # TenSEAL's layout: the values repeated over every slot (np.resize), at the top level
-        plain = self._seal.encode(np.resize(values, self._seal.slots), self._top)
+        # TenSEAL's layout (the values repeated over every slot), at the top level
+        plain = self._seal.encode_repeated(values, self._top)
         ciphertext = sealapi.Ciphertext()
         self._encryptor.encrypt_symmetric(plain, ciphertext)
         return self.key_id + self._seal.serialize(ciphertext, len(values))

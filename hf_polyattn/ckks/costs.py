@@ -37,13 +37,14 @@ class OpCosts:
         return self.matmul[shape]
 
 
-def _best_of(repeats: int, function) -> float:
-    best = float("inf")
+def best_of(repeats: int, function) -> tuple[float, object]:
+    """The least wall-clock seconds of `repeats` calls, and the last call's result."""
+    best, result = float("inf"), None
     for _ in range(repeats):
         start = time.perf_counter()
-        function()
+        result = function()
         best = min(best, time.perf_counter() - start)
-    return best
+    return best, result
 
 
 def measure_op_costs(params: CKKSParameters, shapes, repeats: int = 3, seed: int = 0) -> OpCosts:
@@ -57,15 +58,15 @@ def measure_op_costs(params: CKKSParameters, shapes, repeats: int = 3, seed: int
         return engine.load(client.encrypt(rng.uniform(-1, 1, size)))
 
     x, y = fresh(64), fresh(64)
-    ct_ct = _best_of(repeats, lambda: x * y)
-    ct_pt = _best_of(repeats, lambda: x * 0.5)
-    add = _best_of(repeats, lambda: x + y)
-    refresh = _best_of(repeats, lambda: engine.refresh(x))
+    ct_ct = best_of(repeats, lambda: x * y)[0]
+    ct_pt = best_of(repeats, lambda: x * 0.5)[0]
+    add = best_of(repeats, lambda: x + y)[0]
+    refresh = best_of(repeats, lambda: engine.refresh(x))[0]
     matmul = {}
     for rows, cols in sorted(set(shapes)):
         vector, matrix = fresh(rows), PlaintextMatrix(rng.uniform(-1, 1, (rows, cols)))
         vector.matmul(matrix)  # encodes the diagonals once, as a server does for its weights
-        matmul[(rows, cols)] = _best_of(repeats, lambda: vector.matmul(matrix))
+        matmul[(rows, cols)] = best_of(repeats, lambda: vector.matmul(matrix))[0]
     return OpCosts(params, ct_ct, ct_pt, add, refresh, matmul)
 
 

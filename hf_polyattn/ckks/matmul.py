@@ -24,6 +24,13 @@ import tenseal as ts
 import tenseal.sealapi as sealapi
 
 
+def bsgs_split(rows: int) -> tuple[int, int]:
+    """`(n1, n2)` with `n1` a power of two near `sqrt(rows)` and `n1·n2 >= rows`: baby steps
+    rotate by 1 up to `n1 - 1`, giant steps by `n1` (`n1 - 1 + n2 - 1` rotations in all)."""
+    n1 = 2 ** math.ceil(math.log2(math.sqrt(rows))) if rows > 1 else 1
+    return n1, math.ceil(rows / n1)
+
+
 class PlaintextMatrix:
     """A fixed `(rows × cols)` weight matrix, with its BSGS diagonals encoded on demand."""
 
@@ -45,20 +52,12 @@ class PlaintextMatrix:
             self._lists = self.matrix.tolist()
         return self._lists
 
-    def split(self) -> tuple[int, int]:
-        n1 = 2 ** math.ceil(math.log2(math.sqrt(self.rows))) if self.rows > 1 else 1
-        return n1, math.ceil(self.rows / n1)
-
-    def rotations(self) -> int:
-        n1, n2 = self.split()
-        return n1 - 1 + n2 - 1
-
     def plaintexts(self, backend: "SealBackend", parms_id) -> dict:
         """`{(g, b): diagonal g·n1 + b, pre-rotated by g·n1}` encoded at `parms_id`'s level."""
         key = tuple(parms_id)
         if key not in self._encoded:
             slots = backend.slots
-            n1, n2 = self.split()
+            n1, _ = bsgs_split(self.rows)
             j = np.arange(slots)
             encoded = {}
             for k in range(self.rows):
@@ -88,51 +87,68 @@ class SealBackend:
     def supports(self, matrix: PlaintextMatrix) -> bool:
         return self.slots % matrix.rows == 0
 
-    def encode(self, values: np.ndarray, parms_id) -> sealapi.Plaintext:
+    def encode(self, values: np.ndarray, parms_id, scale: float | None = None) -> sealapi.Plaintext:
+        """A plaintext at `parms_id`'s level (zeros after `values`), at `scale` or the global one."""
         plain = sealapi.Plaintext()
-        self.encoder.encode(values.tolist(), parms_id, self.scale, plain)
+        self.encoder.encode(values.tolist(), parms_id, self.scale if scale is None else scale, plain)
         return plain
+
+    def encode_repeated(self, values: np.ndarray, parms_id, scale: float | None = None) -> sealapi.Plaintext:
+        """`values` repeated over every slot (`np.resize`): the layout TenSEAL gives a vector."""
+        return self.encode(np.resize(values, self.slots), parms_id, scale)
+
+    def rotate(self, ct: sealapi.Ciphertext, step: int) -> sealapi.Ciphertext:
+        rotated = sealapi.Ciphertext()
+        self.evaluator.rotate_vector(ct, step, self.galois_keys, rotated)
+        return rotated
+
+    def chained_rotations(self, ct: sealapi.Ciphertext, count: int) -> list[sealapi.Ciphertext]:
+        """`rot(ct, k)` for `k < count`, each from the previous by one step: one Galois key."""
+        rotations = [ct]
+        for _ in range(count - 1):
+            rotations.append(self.rotate(rotations[-1], 1))
+        return rotations
+
+    def multiply_sum(self, terms) -> sealapi.Ciphertext:
+        """`Σ ct ⊙ plain` over `(ct, plain)` pairs, not yet rescaled."""
+        total = None
+        for ct, plain in terms:
+            product = sealapi.Ciphertext()
+            self.evaluator.multiply_plain(ct, plain, product)
+            if total is None:
+                total = product
+            else:
+                self.evaluator.add_inplace(total, product)
+        return total
+
+    def bsgs(self, ct: sealapi.Ciphertext, plains: dict, rows: int) -> sealapi.Ciphertext:
+        """`Σ_g rot(Σ_b rot(ct, b) ⊙ plains[g, b], g·n1)`, rescaled: one level. Baby steps are
+        chained rotations by 1, giant steps are taken in Horner order with rotations by `n1`."""
+        n1, n2 = bsgs_split(rows)
+        baby = self.chained_rotations(ct, n1)
+        total = None
+        for g in reversed(range(n2)):
+            inner = self.multiply_sum((baby[b], plains[(g, b)]) for b in range(n1) if (g, b) in plains)
+            if total is not None:
+                self.evaluator.add_inplace(inner, self.rotate(total, n1))
+            total = inner
+        self.evaluator.rescale_to_next_inplace(total)
+        return total
 
     def matmul(self, vector: ts.CKKSVector, matrix: PlaintextMatrix) -> ts.CKKSVector:
         """`vector @ matrix` by BSGS; one level, like TenSEAL's `matmul`."""
         ct = vector.ciphertext()[0]
-        plains = matrix.plaintexts(self, ct.parms_id())
-        n1, n2 = matrix.split()
-        baby = [ct]
-        for _ in range(n1 - 1):
-            rotated = sealapi.Ciphertext()
-            self.evaluator.rotate_vector(baby[-1], 1, self.galois_keys, rotated)
-            baby.append(rotated)
-        total = None
-        for g in reversed(range(n2)):  # Horner over the giant steps: rotations by n1 only
-            inner = None
-            for b in range(n1):
-                if (g, b) not in plains:
-                    continue
-                product = sealapi.Ciphertext()
-                self.evaluator.multiply_plain(baby[b], plains[(g, b)], product)
-                if inner is None:
-                    inner = product
-                else:
-                    self.evaluator.add_inplace(inner, product)
-            if total is not None:
-                rotated = sealapi.Ciphertext()
-                self.evaluator.rotate_vector(total, n1, self.galois_keys, rotated)
-                self.evaluator.add_inplace(inner, rotated)
-            total = inner
-        self.evaluator.rescale_to_next_inplace(total)
+        total = self.bsgs(ct, matrix.plaintexts(self, ct.parms_id()), matrix.rows)
         # As TenSEAL does after every rescale: the prime is ≈ the scale, so call the scale exact
         # (otherwise later additions of constants fail on a "scale mismatch").
         total.scale = self.scale
-        return self._to_vector(total, matrix.cols)
+        return self.to_vector(total, matrix.cols)
 
     def add_plain(self, vector: ts.CKKSVector, values: np.ndarray) -> sealapi.Ciphertext:
         """`vector + values` with `values` (one per slot of the vector) repeated over every slot,
         the layout TenSEAL gives the vector itself (a plain list would be zero-padded: #462)."""
         ct = vector.ciphertext()[0]
-        plain = sealapi.Plaintext()
-        self.encoder.encode(np.resize(values, self.slots).tolist(), ct.parms_id(), ct.scale, plain)
-        self.evaluator.add_plain_inplace(ct, plain)
+        self.evaluator.add_plain_inplace(ct, self.encode_repeated(values, ct.parms_id(), ct.scale))
         return ct
 
     def serialize(self, ct: sealapi.Ciphertext, size: int) -> bytes:
@@ -150,7 +166,8 @@ class SealBackend:
         )
         return message
 
-    def _to_vector(self, ct: sealapi.Ciphertext, size: int) -> ts.CKKSVector:
+    def to_vector(self, ct: sealapi.Ciphertext, size: int) -> ts.CKKSVector:
+        """A TenSEAL vector of `size` values held in `ct`."""
         return ts.ckks_vector_from(self.context, self.serialize(ct, size))
 
 

@@ -43,21 +43,22 @@ class LatencyProfiler:
                 self.scope_seconds[self._scope] += elapsed
                 self.counts[booked] += 1
 
-    @contextmanager
     def step(self, name: str):
-        previous, self._step = self._step, name
-        try:
-            yield
-        finally:
-            self._step = previous
+        """Book the basic operations inside under `name` (e.g. "reciprocal")."""
+        return self._within("_step", name)
+
+    def scope(self, name: str):
+        """Add the time of the operations inside to `scope_seconds[name]` (e.g. "layer 0")."""
+        return self._within("_scope", name)
 
     @contextmanager
-    def scope(self, name: str):
-        previous, self._scope = self._scope, name
+    def _within(self, attribute: str, name: str):
+        previous = getattr(self, attribute)
+        setattr(self, attribute, name)
         try:
             yield
         finally:
-            self._scope = previous
+            setattr(self, attribute, previous)
 
     def merge(self, other: "LatencyProfiler") -> "LatencyProfiler":
         """Add `other`'s times, counts, bytes and refreshes (e.g. a server process's) to this one."""

@@ -51,4 +51,4 @@ class ClientRoundTrip:
             profiler.bytes["to_server"] += len(fresh)
             profiler.refreshes += 1
             unmasked = backend.add_plain(ts.ckks_vector_from(context, fresh), -mask)
-            return ts.ckks_vector_from(context, backend.serialize(unmasked, size))
+            return backend.to_vector(unmasked, size)
