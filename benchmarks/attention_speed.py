@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import torch
 
 from hf_polyattn.modeling.power_softmax import power_softmax_attention_forward
+from report import command_line, write_results
 
 
 def _module(power: int) -> SimpleNamespace:
@@ -96,16 +97,14 @@ def main(argv=None) -> None:
             f"{row['power', 'bwd'][0] / row['sdpa', 'bwd'][0]:.1f}× | {memory} |"
         )
         print(lines[-1], file=sys.stderr, flush=True)
-    command = "python benchmarks/attention_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line(__file__, argv)
     text = (
         "# Attention speed: eager Power-Softmax vs SDPA softmax\n\n"
-        f"Command: `{command.strip()}` (torch {torch.__version__}, device {args.device}, {args.dtype}, "
+        f"Command: `{command}` (torch {torch.__version__}, device {args.device}, {args.dtype}, "
         f"{torch.get_num_threads()} threads; {args.heads} heads × {args.head_dim}, causal, batch 1, p={args.power}; "
         "best of the repeats).\n\n" + "\n".join(lines) + "\n"
     )
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(text)
-    print(text)
+    write_results(args.results, text)
 
 
 if __name__ == "__main__":

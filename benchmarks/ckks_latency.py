@@ -19,6 +19,7 @@ import torch
 from hf_polyattn import PolyAttnConfig, PolyAttnForCausalLM
 from hf_polyattn.ckks import CKKSClient, CKKSParameters, SecureSession
 from hf_polyattn.ckks.costs import measure_op_costs, predict_seconds
+from report import command_line, write_results
 
 CONFIGS = {
     "tiny-1L (d=32, 4/2 heads)": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2),
@@ -61,12 +62,13 @@ def main(argv=None) -> None:
     breakdowns, chart = [], {}
     for name in names:
         model = build(CONFIGS[name])
+        # the products' shapes depend on the model, not on the sequence length: price them once
+        costs = measure_op_costs(params, SecureSession(model, client=client).server.plan(1)["matmuls"])
         for tokens in args.tokens:
             ids = torch.randint(3, 97, (1, tokens), generator=torch.Generator().manual_seed(tokens))
             session = SecureSession(model, client=client, mask_seed=0, max_tokens=tokens)
             server = session.server
             planned = server.plan(tokens)
-            costs = measure_op_costs(params, planned["matmuls"])
             start = time.perf_counter()
             encrypted = session.logits(ids[0]).numpy()
             seconds = time.perf_counter() - start
@@ -74,23 +76,22 @@ def main(argv=None) -> None:
                 plain = model(ids).logits[0].double().numpy()
             profiler = server.profiler
             summary.append(
-                f"| {name} | {tokens} | {seconds / tokens:.2f} | {np.abs(encrypted - plain).max():.2e} ({np.abs(plain).max():.2f}) | "
+                f"| {name} | {tokens} | {seconds / tokens:.2f} ({predict_seconds(planned, costs) / tokens:.2f}) | {np.abs(encrypted - plain).max():.2e} ({np.abs(plain).max():.2f}) | "
                 f"{bool((encrypted.argmax(-1) == plain.argmax(-1)).all())} | {server.engine.levels_consumed} ({planned['levels_consumed']}) | "
                 f"{profiler.refreshes} ({planned['refreshes']}) | {profiler.bytes['to_client'] / 1e6:.1f} / {profiler.bytes['to_server'] / 1e6:.1f} |"
             )
             per_scope = ", ".join(f"{scope} {s:.2f} s" for scope, s in profiler.scope_seconds.items())
             breakdowns.append(f"### {name}, {tokens} tokens\n\n{profiler.table()}\n\nper layer: {per_scope}\n")
             chart[f"{name.split(',')[0]}) T={tokens}"] = dict(profiler.seconds)
-            summary[-1] = summary[-1].replace(f"| {seconds / tokens:.2f} |", f"| {seconds / tokens:.2f} ({predict_seconds(planned, costs) / tokens:.2f}) |")
             print(summary[-1], file=sys.stderr, flush=True)
         predicted = [predict_seconds(server.plan(t), costs) / t for t in args.predict]
         growth.append(f"| {name} | " + " | ".join(f"{p:.2f}" for p in predicted) + " |")
 
     ring = f"N={params.poly_modulus_degree}, modulus chain {list(params.coeff_mod_bit_sizes)} ({params.security}), scale 2^{params.scale_bits}"
-    command = "python benchmarks/ckks_latency.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line(__file__, argv)
     text = (
         "# CKKS latency of encrypted PolyAttn forward passes\n\n"
-        f"Command: `{command.strip()}` (TenSEAL {__import__('tenseal').__version__}, CPU, 2 cores). Ring: {ring}.\n"
+        f"Command: `{command}` (TenSEAL {__import__('tenseal').__version__}, CPU, 2 cores). Ring: {ring}.\n"
         "Token by token with the encrypted KV cache; refreshes are masked round trips to an in-process client. "
         "Predicted times: the planner's operation counts priced by per-operation costs measured on this ring "
         "(`hf_polyattn.ckks.costs`).\n\n"
@@ -98,9 +99,7 @@ def main(argv=None) -> None:
         + "\n\n## How the time grows with T and d (predicted, mean over the T steps)\n\n"
         + "\n".join(growth) + "\n\n" + "\n".join(breakdowns)
     )
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(text)
-    print(text)
+    write_results(args.results, text)
     plot(chart, args.results.with_suffix(".png"))
 
 

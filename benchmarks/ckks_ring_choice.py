@@ -20,9 +20,8 @@ import torch
 from hf_polyattn.ckks import CKKSClient, CKKSParameters, SecureSession
 from hf_polyattn.ckks.costs import choose_parameters, measure_op_costs
 from hf_polyattn.ckks.params import MAX_COEFF_MODULUS_BITS_128
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ckks_latency import CONFIGS, build  # noqa: E402  (the same tiny models)
+from ckks_latency import CONFIGS, build  # the same tiny models
+from report import command_line, write_results
 
 
 def main(argv=None) -> None:
@@ -85,18 +84,16 @@ def main(argv=None) -> None:
                 else f"– | {row['predicted_seconds']:.1f} | refused by the server | | | |"
             )
         )
-    command = "python benchmarks/ckks_ring_choice.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line(__file__, argv)
     text = (
         "# Ring choice: the planner's prediction vs a measured sweep\n\n"
-        f"Command: `{command.strip()}` (TenSEAL {__import__('tenseal').__version__}, CPU, 2 cores). "
+        f"Command: `{command}` (TenSEAL {__import__('tenseal').__version__}, CPU, 2 cores). "
         f"Model: {name}, {args.tokens} tokens through the encrypted KV cache; all rings 128-bit secure.\n\n"
         + "\n".join(lines)
         + f"\n\nThe planner's choice runs in {ratio:.2f}x the fastest accurate measured configuration "
         f"({'within' if ratio <= 1.2 else 'NOT within'} the 1.2x goal).\n"
     )
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(text)
-    print(text)
+    write_results(args.results, text)
 
 
 if __name__ == "__main__":

