@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     poly.add_argument("--activation-degree", type=int, help="degree of the activation polynomial (default 16)")
     poly.set_defaults(run=_polynomialize)
 
-    convert = commands.add_parser("convert", help="a Llama-family softmax checkpoint -> PolyAttn (same weights)")
+    convert = commands.add_parser("convert", help="a softmax checkpoint (Llama/SmolLM2, Mistral, Qwen2, GPT-NeoX, GPT-2) -> PolyAttn (same weights)")
     convert.add_argument("--from", dest="source", required=True, help="'smollm2', a .gguf file, or a model folder")
     convert.add_argument("--out", required=True)
     convert.add_argument("--power", type=int, default=4)

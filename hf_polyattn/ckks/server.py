@@ -114,6 +114,23 @@ def require_encryptable(model) -> None:
             "the model's polynomial domains were never calibrated: run model.to_polynomial(calibration_data=...) "
             "on representative text first"
         )
+    config = model.config
+    rotary = (config.rope_parameters or {}).get("partial_rotary_factor", 1.0)
+    layout = {
+        "norm_type": (config.norm_type, "rms"),
+        "mlp_type": (config.mlp_type, "gated"),
+        "parallel_residual": (config.parallel_residual, False),
+        "position_embedding_type": (config.position_embedding_type, "rope"),
+        "attention_bias": (config.attention_bias, False),
+        "mlp_bias": (config.mlp_bias, False),
+        "partial_rotary_factor": (rotary, 1.0),
+    }
+    different = {name: value for name, (value, llama) in layout.items() if value != llama}
+    if different:
+        raise NotImplementedError(
+            f"the CKKS server evaluates the Llama layout (RMSNorm, gated MLP, no biases, full RoPE); this model "
+            f"has {different}. Run it in plaintext polynomial form, or convert from a Llama-family checkpoint."
+        )
 
 
 class CKKSServer:

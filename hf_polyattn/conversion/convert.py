@@ -1,9 +1,9 @@
 """Softmax checkpoints → PolyAttn: same weights, Power-Softmax attention.
 
-A Llama-family checkpoint (Llama, SmolLM2, Mistral without a sliding window) has exactly
-PolyAttn's parameter layout, so conversion copies its config fields and its state dict as they
-are and sets the attention fields. The model then needs a brief distillation to recover its
-quality (`DistillationTrainer`).
+Each source family (`families/`) says which PolyAttn layout its config implies and how its state
+dict maps onto PolyAttn's names; a Llama-family checkpoint (Llama, SmolLM2, Mistral without a
+sliding window) is PolyAttn's layout as it is. The model then needs a brief distillation to
+recover its quality (`DistillationTrainer`).
 """
 
 import importlib.util
@@ -14,39 +14,18 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..modeling import PolyAttnConfig, PolyAttnForCausalLM
+from .families import family_of, supported_model_types
 
-# Source families whose parameter layout is exactly PolyAttn's (Llama's).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _check_convertible(config) -> None:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"cannot convert a {model_type!r} checkpoint: supported source architectures are "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama family, e.g. SmolLM2). GPT-NeoX, GPT-2 and Gemma "
-            "run Power-Softmax directly with attn_implementation='power_softmax'."
-        )
-    if model_type == "mistral" and getattr(config, "sliding_window", None):
-        raise ValueError(
-            f"cannot convert a Mistral checkpoint with sliding_window={config.sliding_window}: PolyAttn "
-            "attends over the full causal context"
-        )
-    if (config.rope_parameters or {}).get("rope_type", "default") != "default":
-        raise ValueError(f"cannot convert rope_type {config.rope_parameters['rope_type']!r}: only 'default' RoPE")
+ATTENTION_FIELDS = ("attn_power", "attn_eps", "attn_form", "attn_stable_scaling", "attn_scale_delta")
 
 
 def polyattn_config_from(config, **attention: Any) -> PolyAttnConfig:
-    """A `PolyAttnConfig` with every Llama field of `config` and the given attention fields."""
-    _check_convertible(config)
-    source = config.to_dict()
-    fields = {name: source[name] for name in PolyAttnConfig.__dataclass_fields__ if name in source}
-    fields.pop("polynomial", None)
-    fields.pop("quantization_config", None)
-    for name in ("attn_power", "attn_eps", "attn_form", "attn_stable_scaling", "attn_scale_delta"):
-        fields.pop(name, None)
-    return PolyAttnConfig(**fields, **attention)
+    """The `PolyAttnConfig` of a source family's `config`, with the given attention fields."""
+    unknown = set(attention) - set(ATTENTION_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown attention fields {sorted(unknown)}; expected some of {ATTENTION_FIELDS}")
+    return PolyAttnConfig(**family_of(config).layout(config), **attention)
 
 
 def convert_checkpoint(
@@ -60,7 +39,9 @@ def convert_checkpoint(
     """A PolyAttn model holding exactly the weights of a softmax checkpoint.
 
     Args:
-        model_or_path: a loaded causal LM, or a local folder (with `gguf_file` for a GGUF file).
+        model_or_path: a loaded causal LM, or a local folder (with `gguf_file` for a GGUF file),
+            of a supported family (`supported_model_types()`: Llama/SmolLM2/Mistral, Qwen2,
+            GPT-NeoX/Pythia, GPT-2).
         attn_power / attn_eps / attn_form: the Power-Softmax attention (see `PolyAttnConfig`).
         gguf_file: a GGUF file in the folder; it is dequantised on loading.
         dtype: the dtype of the converted weights.
@@ -69,17 +50,29 @@ def convert_checkpoint(
         source = AutoModelForCausalLM.from_pretrained(model_or_path, gguf_file=gguf_file, dtype=dtype)
     else:
         source = model_or_path
+    family = family_of(source.config)
     config = polyattn_config_from(source.config, attn_power=attn_power, attn_eps=attn_eps, attn_form=attn_form)
     model = PolyAttnForCausalLM(config).to(dtype)
-    state = {name: tensor.detach().to(dtype) for name, tensor in source.state_dict().items()}
+    source_state = {name: tensor.detach().to(dtype) for name, tensor in source.state_dict().items()}
+    state = family.to_polyattn(source_state, source.config)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [name for name in missing if not (config.tie_word_embeddings and name == "lm_head.weight")]
     if missing or unexpected:
-        raise ValueError(f"weight map mismatch: missing {missing}, unexpected {unexpected}")
+        raise ValueError(f"{family.name} weight map mismatch: missing {missing}, unexpected {unexpected}")
     model.generation_config = source.generation_config
     return model.eval()
+
+
+def export_weights(model: PolyAttnForCausalLM, source_config) -> dict[str, torch.Tensor]:
+    """A converted model's weights in the source family's names and shapes (the inverse map).
+
+    `type(source)(source_config).load_state_dict(export_weights(model, source_config))` gives
+    back a softmax model of the source class, e.g. to run a distilled model in stock code.
+    """
+    state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
+    return family_of(source_config).from_polyattn(state, source_config)
 
 
 def smollm2_gguf_folder() -> Path:

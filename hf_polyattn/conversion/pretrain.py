@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments
+from transformers import PreTrainedModel, PreTrainedTokenizerFast, Trainer, TrainerCallback, TrainingArguments
 
 from ..modeling import PolyAttnConfig, PolyAttnForCausalLM
 from .data import text_blocks, train_byte_level_tokenizer
@@ -69,7 +69,45 @@ def pretrain(
     )
     fields.update(config_fields)
     model = PolyAttnForCausalLM(PolyAttnConfig(**fields))
-    args = TrainingArguments(
+    curve = train_language_model(
+        model, train_set, eval_set, output_dir, steps, batch_size, learning_rate, seed=seed, progress=progress
+    )
+    model.eval()
+    return PretrainResult(model, tokenizer, eval_set["input_ids"], math.exp(curve[0][1]), math.exp(curve[-1][1]))
+
+
+class _EvalLossRecorder(TrainerCallback):
+    def __init__(self):
+        self.curve: list[tuple[int, float]] = []
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.curve.append((state.global_step, metrics["eval_loss"]))
+
+
+def train_language_model(
+    model: PreTrainedModel,
+    train_set,
+    eval_set,
+    output_dir: str | Path,
+    steps: int,
+    batch_size: int = 16,
+    learning_rate: float = 2e-3,
+    eval_every: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    **training_arguments,
+) -> list[tuple[int, float]]:
+    """Train any causal LM from its current weights with `Trainer` (AdamW, cosine, 5 % warm-up).
+
+    The data order depends on `seed` only, so two models trained with the same sets, steps and
+    seed see the same tokens in the same order. Returns the held-out loss curve
+    `[(step, eval_loss), …]`: before training, every `eval_every` steps, and at the end.
+    `training_arguments` override the `TrainingArguments` (e.g. `bf16=True`,
+    `gradient_checkpointing=True`).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    fields = dict(
         output_dir=str(Path(output_dir) / "checkpoints"),
         max_steps=steps,
         per_device_train_batch_size=batch_size,
@@ -79,15 +117,23 @@ def pretrain(
         warmup_steps=max(1, steps // 20),
         weight_decay=0.01,
         logging_steps=max(1, steps // 10),
+        eval_strategy="steps" if eval_every else "no",
+        eval_steps=eval_every,
         save_strategy="no",
         report_to="none",
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=not progress,
         seed=seed,
+        data_seed=seed,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set)
-    before = math.exp(trainer.evaluate()["eval_loss"])
+    fields.update(training_arguments)
+    recorder = _EvalLossRecorder()
+    trainer = Trainer(
+        model=model, args=TrainingArguments(**fields), train_dataset=train_set, eval_dataset=eval_set,
+        callbacks=[recorder],
+    )
+    trainer.evaluate()
     trainer.train()
-    after = math.exp(trainer.evaluate()["eval_loss"])
-    model.eval()
-    return PretrainResult(model, tokenizer, eval_set["input_ids"], before, after)
+    if recorder.curve[-1][0] != trainer.state.global_step:
+        trainer.evaluate()
+    return recorder.curve

@@ -6,6 +6,9 @@ from huggingface_hub.dataclasses import strict
 from transformers.models.llama.configuration_llama import LlamaConfig
 
 ATTN_FORMS = ("sum", "mean")
+NORM_TYPES = ("rms", "layer")
+MLP_TYPES = ("gated", "plain")
+POSITION_EMBEDDING_TYPES = ("rope", "learned")
 
 
 @strict
@@ -13,7 +16,8 @@ class PolyAttnConfig(LlamaConfig):
     r"""Configuration of a [`PolyAttnForCausalLM`].
 
     It has every field of [`~transformers.LlamaConfig`] (so a Llama checkpoint converts by a
-    plain weight copy) plus the Power-Softmax attention fields:
+    plain weight copy), the Power-Softmax attention fields, and the layout fields that let
+    GPT-NeoX and GPT-2 checkpoints convert too (their defaults are Llama's layout):
 
     Args:
         attn_power (`int`, defaults to 4):
@@ -32,6 +36,18 @@ class PolyAttnConfig(LlamaConfig):
             bf16/fp16 training. The polynomial form turns it off (max is not polynomial).
         attn_scale_delta (`float`, defaults to 1e-4):
             The `δ` of the stable scaling; keeps `c > 0` on all-zero rows.
+        norm_type (`str`, defaults to `"rms"`):
+            `"rms"`: Llama's RMSNorm. `"layer"`: LayerNorm with a bias (GPT-NeoX, GPT-2); both use
+            `rms_norm_eps` as their epsilon.
+        mlp_type (`str`, defaults to `"gated"`):
+            `"gated"`: `down(act(gate(x)) * up(x))` (Llama). `"plain"`: `down(act(up(x)))` (GPT-NeoX,
+            GPT-2); `mlp_bias` gives both projections a bias.
+        parallel_residual (`bool`, defaults to `False`):
+            `True`: `h + attn(norm1(h)) + mlp(norm2(h))` (GPT-NeoX); `False`: the sequential block.
+        position_embedding_type (`str`, defaults to `"rope"`):
+            `"rope"`: rotary embeddings (`rope_parameters["partial_rotary_factor"]` rotates only the
+            first part of each head, as GPT-NeoX does). `"learned"`: a learned absolute position
+            table of `max_position_embeddings` rows added to the token embeddings (GPT-2).
         polynomial (`dict`, *optional*):
             The plain-data description of the polynomial approximations (filled by
             `to_polynomial()`); `None` means the exact model.
@@ -44,6 +60,10 @@ class PolyAttnConfig(LlamaConfig):
     attn_form: str = "sum"
     attn_stable_scaling: bool = True
     attn_scale_delta: float = 1e-4
+    norm_type: str = "rms"
+    mlp_type: str = "gated"
+    parallel_residual: bool = False
+    position_embedding_type: str = "rope"
     polynomial: dict[str, Any] | None = None
 
     def __post_init__(self, **kwargs):
@@ -64,6 +84,13 @@ class PolyAttnConfig(LlamaConfig):
             raise ValueError(f"attn_scale_delta must be > 0, got {self.attn_scale_delta}")
         if self.attn_form not in ATTN_FORMS:
             raise ValueError(f"attn_form must be one of {ATTN_FORMS}, got {self.attn_form!r}")
+        for name, allowed in (
+            ("norm_type", NORM_TYPES),
+            ("mlp_type", MLP_TYPES),
+            ("position_embedding_type", POSITION_EMBEDDING_TYPES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

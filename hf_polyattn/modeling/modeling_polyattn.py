@@ -2,7 +2,10 @@
 
 The parameter layout is Llama's (`q/k/v/o_proj`, `gate/up/down_proj`, `input_layernorm`,
 `post_attention_layernorm`, `norm`), so a Llama-family checkpoint converts by a plain copy. The
-rotary embedding and its application are transformers' own Llama code.
+config's layout fields add what GPT-NeoX and GPT-2 need (LayerNorm, a plain MLP, the parallel
+residual, partial rotary or learned positions) under the same parameter names. The rotary
+embedding and its application are transformers' own (GPT-NeoX's, which is Llama's when the whole
+head rotates).
 """
 
 import torch
@@ -11,14 +14,12 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
-from transformers.models.llama.modeling_llama import (
-    LlamaAttention,
-    LlamaMLP,
-    LlamaRMSNorm,
-    LlamaRotaryEmbedding,
-)
+from transformers.activations import ACT2FN
+from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXRotaryEmbedding, apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm
 from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
@@ -34,7 +35,7 @@ from .polynomial_form import (
     polynomial_report,
     remove_polynomial,
 )
-from .power_softmax import ATTENTION_NAME, exact_reciprocal
+from .power_softmax import ATTENTION_NAME, exact_reciprocal, power_softmax_attention_forward
 from .secure_generation import SecureGenerationMixin
 
 
@@ -52,12 +53,53 @@ class PolyAttnRMSNorm(LlamaRMSNorm):
         return self.weight * (hidden_states * self.inv_sqrt(variance)).to(input_dtype)
 
 
-class PolyAttnMLP(LlamaMLP):
-    """Gated MLP `down(act(gate(x)) * up(x))`; the polynomial form replaces `act`."""
+class PolyAttnLayerNorm(nn.Module):
+    """LayerNorm `γ · (x − mean) / sqrt(var + eps) + β`; the polynomial form replaces the inverse sqrt.
+
+    Centering is linear, so the only non-polynomial step is the same inverse sqrt as RMSNorm's.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
+        self.variance_epsilon = eps
+        self.inv_sqrt = ApproximatedOp("inv_sqrt", torch.rsqrt, harmless_at=eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        centered = hidden_states - hidden_states.mean(-1, keepdim=True)
+        variance = centered.pow(2).mean(-1, keepdim=True) + self.variance_epsilon
+        return (self.weight * (centered * self.inv_sqrt(variance)) + self.bias).to(input_dtype)
+
+
+def polyattn_norm(config: PolyAttnConfig) -> nn.Module:
+    """The norm the config's `norm_type` names."""
+    norm = PolyAttnRMSNorm if config.norm_type == "rms" else PolyAttnLayerNorm
+    return norm(config.hidden_size, eps=config.rms_norm_eps)
+
+
+class PolyAttnMLP(nn.Module):
+    """`down(act(gate(x)) * up(x))` (gated) or `down(act(up(x)))` (plain); the polynomial form
+    replaces `act`."""
 
     def __init__(self, config: PolyAttnConfig):
-        super().__init__(config)
-        self.act_fn = ApproximatedOp("activation", self.act_fn)
+        super().__init__()
+        hidden, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(hidden, inner, bias=bias) if config.mlp_type == "gated" else None
+        self.up_proj = nn.Linear(hidden, inner, bias=bias)
+        self.down_proj = nn.Linear(inner, hidden, bias=bias)
+        self.act_fn = ApproximatedOp("activation", ACT2FN[config.hidden_act])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_proj is None:
+            return self.down_proj(self.act_fn(self.up_proj(x)))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class PolyAttnRotaryEmbedding(GPTNeoXRotaryEmbedding):
+    """RoPE over the first `partial_rotary_factor` of each head (all of it by default)."""
 
 
 class PolyAttnAttention(LlamaAttention):
@@ -75,16 +117,51 @@ class PolyAttnAttention(LlamaAttention):
         self.score_probe = nn.Identity()
         self.score_scale: float | None = None
 
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Llama's attention with partial rotary (GPT-NeoX's RoPE) and no RoPE under learned positions."""
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        if position_embeddings is not None:
+            query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, power_softmax_attention_forward
+        )
+        output, weights = attention(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        return self.o_proj(output.reshape(*input_shape, -1).contiguous()), weights
+
 
 class PolyAttnDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm block: `h + attn(norm(h))`, then `h + mlp(norm(h))`."""
+    """Pre-norm block: `h + attn(norm(h))`, then `h + mlp(norm(h))`; with `parallel_residual`,
+    `h + attn(norm1(h)) + mlp(norm2(h))`."""
 
     def __init__(self, config: PolyAttnConfig, layer_idx: int):
         super().__init__()
         self.self_attn = PolyAttnAttention(config=config, layer_idx=layer_idx)
         self.mlp = PolyAttnMLP(config)
-        self.input_layernorm = PolyAttnRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = PolyAttnRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = polyattn_norm(config)
+        self.post_attention_layernorm = polyattn_norm(config)
+        self.parallel_residual = config.parallel_residual
 
     def forward(
         self,
@@ -103,6 +180,8 @@ class PolyAttnDecoderLayer(GradientCheckpointingLayer):
             position_embeddings=position_embeddings,
             **kwargs,
         )
+        if self.parallel_residual:
+            return hidden_states + attn_output + self.mlp(self.post_attention_layernorm(hidden_states))
         hidden_states = hidden_states + attn_output
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -202,7 +281,7 @@ class PolyAttnPreTrainedModel(PreTrainedModel):
 
 
 class PolyAttnModel(PolyAttnPreTrainedModel):
-    """The decoder stack: embeddings → PolyAttn blocks → final norm."""
+    """The decoder stack: embeddings (+ learned positions) → PolyAttn blocks → final norm."""
 
     def __init__(self, config: PolyAttnConfig):
         super().__init__(config)
@@ -212,8 +291,10 @@ class PolyAttnModel(PolyAttnPreTrainedModel):
         self.layers = nn.ModuleList(
             [PolyAttnDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
-        self.norm = PolyAttnRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.norm = polyattn_norm(config)
+        learned = config.position_embedding_type == "learned"
+        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size) if learned else None
+        self.rotary_emb = None if learned else PolyAttnRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -248,7 +329,16 @@ class PolyAttnModel(PolyAttnPreTrainedModel):
             position_ids=position_ids,
         )
         hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        position_embeddings = None
+        if self.embed_positions is not None:
+            if position_ids.max() >= self.config.max_position_embeddings:
+                raise ValueError(
+                    f"position {int(position_ids.max())} is beyond the learned position table "
+                    f"(max_position_embeddings={self.config.max_position_embeddings})"
+                )
+            hidden_states = hidden_states + self.embed_positions(position_ids).to(hidden_states.dtype)
+        else:
+            position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
             hidden_states = decoder_layer(
                 hidden_states,

@@ -219,8 +219,11 @@ def polynomial_report(base_model: nn.Module, config) -> dict[str, Any]:
     - attention: q/k/v projection (1), q⊙k (1), head sums (1), power (ceil log2 p),
       [×1/L (1), mean form], reciprocal (D_r), [×1/L (1), mean form], weights (1),
       head expansion (1), ⊙v (1), o_proj (1)
-    - MLP: gate/up projection (1), activation (D_act), ×up (1), down projection (1)
+    - MLP: gate/up projection (1), activation (D_act), ×up (1, gated only), down projection (1)
     - after the last block: final norm (D_is + 4) and the LM head (1).
+
+    LayerNorm adds its centering matmul (1) to each norm; with the parallel residual the block's
+    depth is the deeper of its two branches, which both start from the block input.
     """
     ops = approximated_ops(base_model)
     if not ops or any(op.approximation is None for op in ops.values()):
@@ -228,17 +231,19 @@ def polynomial_report(base_model: nn.Module, config) -> dict[str, Any]:
     sites = {name: op.approximation.describe() for name, op in ops.items()}
     power_depth = math.ceil(math.log2(config.attn_power))
     mean_extra = 2 if config.attn_form == "mean" else 0
+    norm_extra = 5 if config.norm_type == "layer" else 4
     blocks = []
     for index in range(config.num_hidden_layers):
         prefix = f"layers.{index}."
-        d_norm1 = ops[prefix + "input_layernorm.inv_sqrt"].approximation.depth + 4
-        d_norm2 = ops[prefix + "post_attention_layernorm.inv_sqrt"].approximation.depth + 4
+        d_norm1 = ops[prefix + "input_layernorm.inv_sqrt"].approximation.depth + norm_extra
+        d_norm2 = ops[prefix + "post_attention_layernorm.inv_sqrt"].approximation.depth + norm_extra
         d_recip = ops[prefix + "self_attn.reciprocal"].approximation.depth
         d_act = ops[prefix + "mlp.act_fn"].approximation.depth
         attention = d_norm1 + 3 + power_depth + mean_extra + d_recip + 4
-        mlp = d_norm2 + 1 + d_act + 2
-        blocks.append({"block": index, "attention_depth": attention, "mlp_depth": mlp, "depth": attention + mlp})
-    head = ops["norm.inv_sqrt"].approximation.depth + 4 + 1
+        mlp = d_norm2 + 1 + d_act + (2 if config.mlp_type == "gated" else 1)
+        depth = max(attention, mlp) if config.parallel_residual else attention + mlp
+        blocks.append({"block": index, "attention_depth": attention, "mlp_depth": mlp, "depth": depth})
+    head = ops["norm.inv_sqrt"].approximation.depth + norm_extra + 1
     evaluations_per_token = {
         "inv_sqrt": 2 * config.num_hidden_layers + 1,
         "reciprocal": config.num_hidden_layers * config.num_attention_heads,
