@@ -4,11 +4,15 @@
     python benchmarks/attention_speed.py --device cuda --dtype bfloat16 --lengths 512 2048 8192 --heads 16
 
 Causal attention of `--heads` heads of dimension `--head-dim` on one sequence: the eager
-Power-Softmax path (`power_softmax_attention_forward`, what PolyAttn runs) against
+Power-Softmax path (`power_softmax_attention_forward`, what PolyAttn runs by default) and, on
+CUDA, the fused Triton kernel (`attn_implementation="power_softmax_triton"`) against
 `torch.nn.functional.scaled_dot_product_attention`, forward and forward+backward, best of
 --repeats. Peak memory is measured on CUDA only (`torch.cuda.max_memory_allocated`); on the CPU
-the table gives the size of the score matrix the eager path materialises instead. Writes
-Markdown to --results.
+the table gives the size of the score matrix the eager path materialises instead.
+
+Then whole models (`--model-hidden`, `--model-layers`): training tokens/s (forward, backward,
+AdamW step) of a PolyAttn model with each attention against the same-shape Llama with SDPA.
+Writes Markdown to --results.
 """
 
 import argparse
@@ -19,6 +23,9 @@ from types import SimpleNamespace
 
 import torch
 
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_polyattn import PolyAttnConfig, PolyAttnForCausalLM
 from hf_polyattn.modeling.power_softmax import power_softmax_attention_forward
 from report import command_line, write_results
 
@@ -31,6 +38,18 @@ def _module(power: int) -> SimpleNamespace:
 def _power_softmax(module):
     def run(q, k, v):
         return power_softmax_attention_forward(module, q, k, v, attention_mask=None)[0]
+
+    return run
+
+
+def _fused(module):
+    from hf_polyattn.kernels.power_softmax_triton import fused_power_softmax_attention
+
+    config = module.config
+
+    def run(q, k, v):
+        out = fused_power_softmax_attention(q, k, v, q.shape[-1] ** -0.5, config.attn_power, config.attn_eps)
+        return out.transpose(1, 2)
 
     return run
 
@@ -58,6 +77,89 @@ def _timed(function, q, k, v, backward: bool, repeats: int, device: str) -> tupl
     return best, peak
 
 
+def _attention_table(args, dtype) -> list[str]:
+    module = _module(args.power)
+    implementations = {"eager power-softmax": _power_softmax(module)}
+    if args.device == "cuda":
+        implementations["fused power-softmax (Triton)"] = _fused(module)
+    names = list(implementations)
+    implementations["SDPA"] = _sdpa
+    header = " | ".join(f"{name}: fwd / fwd+bwd ms (× SDPA)" for name in names)
+    lines = [f"| T | {header} | SDPA: fwd / fwd+bwd ms | peak MB ({' / '.join(names)} / SDPA) or T×T scores |"]
+    lines.append("|---|" + "---|" * (len(names) + 2))
+    generator = torch.Generator().manual_seed(0)
+    for length in args.lengths:
+        shape = (1, args.heads, length, args.head_dim)
+        q, k, v = (torch.randn(shape, generator=generator).to(args.device, dtype).requires_grad_() for _ in range(3))
+        row = {}
+        for name, function in implementations.items():
+            with torch.no_grad():  # warm-up (and Triton's compilation)
+                function(q, k, v)
+            with torch.no_grad():
+                row[name, "fwd"] = _timed(function, q, k, v, False, args.repeats, args.device)
+            row[name, "bwd"] = _timed(function, q, k, v, True, args.repeats, args.device)
+        sdpa_fwd, sdpa_bwd = row["SDPA", "fwd"][0], row["SDPA", "bwd"][0]
+        cells = [
+            f"{row[n, 'fwd'][0] * 1e3:.1f} / {row[n, 'bwd'][0] * 1e3:.1f} "
+            f"({row[n, 'fwd'][0] / sdpa_fwd:.1f}× / {row[n, 'bwd'][0] / sdpa_bwd:.1f}×)"
+            for n in names
+        ]
+        if args.device == "cuda":
+            memory = " / ".join(f"{row[n, 'bwd'][1]:.0f}" for n in implementations)
+        else:
+            memory = f"{args.heads * length * length * torch.finfo(dtype).bits / 8 / 2**20:.0f} MB of scores"
+        lines.append(f"| {length} | " + " | ".join(cells) + f" | {sdpa_fwd * 1e3:.1f} / {sdpa_bwd * 1e3:.1f} | {memory} |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    return lines
+
+
+def _training_tokens_per_second(model, args, steps: int = 3) -> float:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(4, model.config.vocab_size, (args.model_batch, args.model_length), device=args.device)
+    autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+
+    def step():
+        with autocast:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    return steps * ids.numel() / (time.perf_counter() - start)
+
+
+def _model_table(args) -> list[str]:
+    fields = dict(
+        vocab_size=args.model_vocab, hidden_size=args.model_hidden, intermediate_size=4 * args.model_hidden,
+        num_hidden_layers=args.model_layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.heads, max_position_embeddings=args.model_length, attn_power=args.power,
+    )
+    implementations = ["power_softmax"] + (["power_softmax_triton"] if args.device == "cuda" else [])
+    rows = {}
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in fields.items() if k != "attn_power"})).to(args.device)
+    llama.set_attn_implementation("sdpa")
+    rows["Llama, SDPA softmax"] = _training_tokens_per_second(llama, args)
+    del llama
+    for implementation in implementations:
+        model = PolyAttnForCausalLM(PolyAttnConfig(**fields)).to(args.device)
+        model.set_attn_implementation(implementation)
+        rows[f"PolyAttn, {implementation}"] = _training_tokens_per_second(model, args)
+        del model
+    reference = rows["Llama, SDPA softmax"]
+    lines = ["| model | training tokens/s | × Llama |", "|---|---|---|"]
+    lines += [f"| {name} | {speed:,.0f} | {speed / reference:.2f} |" for name, speed in rows.items()]
+    return lines
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -67,42 +169,25 @@ def main(argv=None) -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--power", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model-hidden", type=int, default=256)
+    parser.add_argument("--model-layers", type=int, default=4)
+    parser.add_argument("--model-length", type=int, default=512)
+    parser.add_argument("--model-batch", type=int, default=4)
+    parser.add_argument("--model-vocab", type=int, default=8192)
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/attention_speed.md"))
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    power_softmax = _power_softmax(_module(args.power))
-    lines = [
-        "| T | forward: power-softmax / SDPA (ms) | ratio | fwd+bwd: power-softmax / SDPA (ms) | ratio | peak MB (power-softmax / SDPA) or T×T scores |",
-        "|---|---|---|---|---|---|",
-    ]
-    generator = torch.Generator().manual_seed(0)
-    for length in args.lengths:
-        shape = (1, args.heads, length, args.head_dim)
-        q, k, v = (torch.randn(shape, generator=generator).to(args.device, dtype).requires_grad_() for _ in range(3))
-        with torch.no_grad():  # warm-up
-            power_softmax(q, k, v), _sdpa(q, k, v)
-        row = {}
-        for name, function in (("power", power_softmax), ("sdpa", _sdpa)):
-            with torch.no_grad():
-                row[name, "fwd"] = _timed(function, q, k, v, False, args.repeats, args.device)
-            row[name, "bwd"] = _timed(function, q, k, v, True, args.repeats, args.device)
-        if args.device == "cuda":
-            memory = f"{row['power', 'bwd'][1]:.0f} / {row['sdpa', 'bwd'][1]:.0f}"
-        else:
-            memory = f"{args.heads * length * length * torch.finfo(dtype).bits / 8 / 2**20:.0f} MB of scores"
-        lines.append(
-            f"| {length} | {row['power', 'fwd'][0] * 1e3:.1f} / {row['sdpa', 'fwd'][0] * 1e3:.1f} | "
-            f"{row['power', 'fwd'][0] / row['sdpa', 'fwd'][0]:.1f}× | "
-            f"{row['power', 'bwd'][0] * 1e3:.1f} / {row['sdpa', 'bwd'][0] * 1e3:.1f} | "
-            f"{row['power', 'bwd'][0] / row['sdpa', 'bwd'][0]:.1f}× | {memory} |"
-        )
-        print(lines[-1], file=sys.stderr, flush=True)
+    attention = _attention_table(args, dtype)
+    models = _model_table(args)
     command = command_line(__file__, argv)
     text = (
-        "# Attention speed: eager Power-Softmax vs SDPA softmax\n\n"
+        "# Attention speed: Power-Softmax vs SDPA softmax\n\n"
         f"Command: `{command}` (torch {torch.__version__}, device {args.device}, {args.dtype}, "
         f"{torch.get_num_threads()} threads; {args.heads} heads × {args.head_dim}, causal, batch 1, p={args.power}; "
-        "best of the repeats).\n\n" + "\n".join(lines) + "\n"
+        "best of the repeats). The fused Triton kernel runs on CUDA only.\n\n" + "\n".join(attention) + "\n\n"
+        f"## Training a whole model (d={args.model_hidden}, {args.model_layers} layers, {args.heads} heads, "
+        f"batch {args.model_batch} × {args.model_length} tokens, AdamW; mean of 3 steps after a warm-up)\n\n"
+        + "\n".join(models) + "\n"
     )
     write_results(args.results, text)
 

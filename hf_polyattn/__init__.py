@@ -2,7 +2,7 @@
 
 Importing the package registers everything with transformers (and peft, when installed):
 `AutoConfig` / `AutoModel` / `AutoModelForCausalLM` for `model_type="polyattn"`, the
-`"power_softmax"` attention and mask functions, the default LoRA target modules, the CKKS
+`"power_softmax"` attention and mask functions (and `"power_softmax_triton"`, the fused kernel), the default LoRA target modules, the CKKS
 session behind `generate(secure=True)` and `pipeline("secure-text-generation")`.
 """
 
@@ -24,8 +24,9 @@ LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def _register() -> None:
-    from . import generation, pipelines
+    from . import generation, kernels, pipelines
 
+    kernels.register()  # attn_implementation="power_softmax_triton": the fused kernel
     generation.register()  # generate(secure=True) runs over CKKS
     pipelines.register()  # pipeline("secure-text-generation")
     AutoConfig.register(PolyAttnConfig.model_type, PolyAttnConfig, exist_ok=True)

@@ -3,6 +3,9 @@ import os
 # Nothing in the test suite may reach the Hub: fail fast instead of retrying a connection.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The fused Triton kernels run on CPU tensors in Triton's interpreter (CI has no GPU). Triton
+# decides at import, so this must be set before anything imports it.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 
