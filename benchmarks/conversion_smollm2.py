@@ -3,10 +3,14 @@
     python benchmarks/conversion_smollm2.py --stages teacher,converted --limit 200          # CPU
     python benchmarks/conversion_smollm2.py --stages teacher,converted,distilled,polynomial \
         --limit 500 --distill-steps 700 --batch-size 32 --block 512                        # GPU
+    python benchmarks/conversion_smollm2.py ... --data shakespeare bigbench \
+        --teacher-continuations 2000 --hidden-weight 0.1                                   # more varied data
 
 Stages: `teacher` (the softmax GGUF checkpoint), `converted` (Power-Softmax p, same weights, no
 training), `distilled` (KL distillation on the offline text), `polynomial` (the distilled model
-calibrated and switched to its polynomial form). Scores: the six zero-shot tasks (acc_norm for the
+calibrated and switched to its polynomial form). Training text: the Shakespeare training split plus
+the `--data` corpora and, optionally, texts the teacher samples from prompts taken from them
+(`--teacher-continuations`). Scores: the six zero-shot tasks (acc_norm for the
 multiple-choice ones, LAMBADA accuracy), ARC-E 5-shot, and bits per byte on held-out text.
 Writes a Markdown table to --results and the distilled checkpoint (not committed) to --out.
 """
@@ -22,8 +26,8 @@ from transformers import TrainingArguments
 
 from hf_polyattn.conversion.calibrate import calibration_batches
 from hf_polyattn.conversion.convert import convert_checkpoint, load_smollm2
-from hf_polyattn.conversion.corpora import shakespeare_texts
-from hf_polyattn.conversion.data import text_blocks
+from hf_polyattn.conversion.corpora import read_texts, shakespeare_texts
+from hf_polyattn.conversion.data import teacher_continuations, text_blocks
 from hf_polyattn.conversion.distill import DistillationTrainer
 from hf_polyattn.conversion.pretrain import split_text
 from hf_polyattn.evaluation.benchmarks import evaluate_task
@@ -45,6 +49,10 @@ def main(argv=None) -> None:
     parser.add_argument("--block", type=int, default=512)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--eval-batch-size", type=int, default=16)
+    parser.add_argument("--data", nargs="*", default=[], help="more training text: files, folders, 'bigbench'")
+    parser.add_argument("--teacher-continuations", type=int, default=0, help="teacher-sampled texts to add")
+    parser.add_argument("--hidden-weight", type=float, default=0.0, help="hidden-state MSE weight")
+    parser.add_argument("--lm-weight", type=float, default=0.0, help="the student's own LM loss weight")
     parser.add_argument("--out", type=Path, default=Path("runs/smollm2-polyattn"))
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/conversion_smollm2.md"))
     args = parser.parse_args(argv)
@@ -73,7 +81,10 @@ def main(argv=None) -> None:
     if "converted" in stages:
         results[f"converted p={args.power}, no training"] = score(student, "converted")
     if "distilled" in stages or "polynomial" in stages:
-        blocks = text_blocks(tokenizer, [train_text], args.block)
+        corpus = [train_text] + read_texts(args.data) if args.data else [train_text]
+        if args.teacher_continuations:
+            corpus += teacher_continuations(teacher, tokenizer, "\n".join(corpus), args.teacher_continuations)
+        blocks = text_blocks(tokenizer, corpus, args.block)
         training = TrainingArguments(
             output_dir=str(args.out / "checkpoints"),
             max_steps=args.distill_steps,
@@ -88,7 +99,10 @@ def main(argv=None) -> None:
             report_to="none",
         )
         start = time.perf_counter()
-        DistillationTrainer(model=student.train(), args=training, train_dataset=blocks, teacher=teacher).train()
+        DistillationTrainer(
+            model=student.train(), args=training, train_dataset=blocks, teacher=teacher,
+            hidden_weight=args.hidden_weight, lm_weight=args.lm_weight,
+        ).train()
         seconds = time.perf_counter() - start
         tokens = args.distill_steps * args.batch_size * args.block
         student.eval()

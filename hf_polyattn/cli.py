@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill = commands.add_parser("distill", help="distill a converted student back to its softmax teacher")
     distill.add_argument("--teacher", required=True, help="'smollm2', a .gguf file, or a model folder")
     distill.add_argument("--student", required=True, help="the converted PolyAttn folder")
-    distill.add_argument("--data", nargs="*", help="text files (default: Shakespeare); the last 5 %% is held out")
+    distill.add_argument("--data", nargs="*", help="text files, folders of .txt, or corpora: shakespeare, bigbench (default: shakespeare); the last 5 %% is held out")
     distill.add_argument("--out", required=True)
     distill.add_argument("--steps", type=int, default=500)
     distill.add_argument("--batch-size", type=int, default=8)

@@ -48,3 +48,44 @@ def text_blocks(tokenizer, texts: Iterable[str], block_size: int) -> Dataset:
         stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         stream.append(tokenizer.eos_token_id)
     return pack_into_blocks(stream, block_size)
+
+
+def teacher_continuations(
+    teacher,
+    tokenizer,
+    text: str,
+    count: int,
+    prompt_tokens: int = 32,
+    new_tokens: int = 224,
+    batch_size: int = 32,
+    temperature: float = 1.0,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[str]:
+    """Texts sampled from the teacher, each prompted by a random window of `text`.
+
+    Distillation data the teacher itself wrote: the student sees the teacher's own distribution
+    beyond the training corpus (legitimate for distillation; never use the evaluation texts).
+    """
+    import torch
+    from transformers.utils.logging import tqdm
+
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= prompt_tokens:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than one prompt of {prompt_tokens}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - prompt_tokens, (count,), generator=generator).tolist()
+    device = next(teacher.parameters()).device
+    texts: list[str] = []
+    torch.manual_seed(seed)
+    for first in tqdm(range(0, count, batch_size), desc="teacher continuations", disable=not progress):
+        prompts = torch.tensor([ids[s : s + prompt_tokens] for s in starts[first : first + batch_size]], device=device)
+        with torch.no_grad():
+            output = teacher.generate(
+                prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens, do_sample=True,
+                temperature=temperature, top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            )
+        texts += tokenizer.batch_decode(output, skip_special_tokens=True)
+    return texts

@@ -1,7 +1,7 @@
 """Training a small PolyAttn model from scratch on local text with `Trainer`."""
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -71,17 +71,32 @@ def pretrain(
     model = PolyAttnForCausalLM(PolyAttnConfig(**fields))
     curve = train_language_model(
         model, train_set, eval_set, output_dir, steps, batch_size, learning_rate, seed=seed, progress=progress
-    )
+    ).eval_loss
     model.eval()
     return PretrainResult(model, tokenizer, eval_set["input_ids"], math.exp(curve[0][1]), math.exp(curve[-1][1]))
 
 
-class _EvalLossRecorder(TrainerCallback):
+@dataclass
+class TrainingHistory:
+    """What a training run logged, as `(step, value)` pairs."""
+
+    eval_loss: list[tuple[int, float]] = field(default_factory=list)
+    train_loss: list[tuple[int, float]] = field(default_factory=list)
+    grad_norm: list[tuple[int, float]] = field(default_factory=list)
+
+
+class _HistoryRecorder(TrainerCallback):
     def __init__(self):
-        self.curve: list[tuple[int, float]] = []
+        self.history = TrainingHistory()
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        self.curve.append((state.global_step, metrics["eval_loss"]))
+        self.history.eval_loss.append((state.global_step, metrics["eval_loss"]))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for name in ("loss", "grad_norm"):
+            if logs and name in logs:
+                series = self.history.train_loss if name == "loss" else self.history.grad_norm
+                series.append((state.global_step, float(logs[name])))
 
 
 def train_language_model(
@@ -96,7 +111,7 @@ def train_language_model(
     seed: int = 0,
     progress: bool = True,
     **training_arguments,
-) -> list[tuple[int, float]]:
+) -> TrainingHistory:
     """Train any causal LM from its current weights with `Trainer` (AdamW, cosine, 5 % warm-up).
 
     The data order depends on `seed` only, so two models trained with the same sets, steps and
@@ -127,13 +142,13 @@ def train_language_model(
         data_seed=seed,
     )
     fields.update(training_arguments)
-    recorder = _EvalLossRecorder()
+    recorder = _HistoryRecorder()
     trainer = Trainer(
         model=model, args=TrainingArguments(**fields), train_dataset=train_set, eval_dataset=eval_set,
         callbacks=[recorder],
     )
     trainer.evaluate()
     trainer.train()
-    if recorder.curve[-1][0] != trainer.state.global_step:
+    if recorder.history.eval_loss[-1][0] != trainer.state.global_step:
         trainer.evaluate()
-    return recorder.curve
+    return recorder.history
