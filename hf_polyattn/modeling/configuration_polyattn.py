@@ -48,6 +48,19 @@ class PolyAttnConfig(LlamaConfig):
             `"rope"`: rotary embeddings (`rope_parameters["partial_rotary_factor"]` rotates only the
             first part of each head, as GPT-NeoX does). `"learned"`: a learned absolute position
             table of `max_position_embeddings` rows added to the token embeddings (GPT-2).
+        sandwich_norms (`bool`, defaults to `False`):
+            Also normalise the attention output and the MLP output before each residual add
+            (`attn_output_norm`, `mlp_output_norm`; Gemma 2/3).
+        qk_norm (`bool`, defaults to `False`):
+            RMSNorm over the head dimension of every query and key, before RoPE (`q_norm`, `k_norm`;
+            Gemma 3, Qwen3).
+        query_pre_attn_scalar (`float`, *optional*):
+            Scores are scaled by `query_pre_attn_scalar ** -0.5`; `None`: by `head_dim ** -0.5`.
+        embedding_multiplier (`float`, defaults to 1.0):
+            Token embeddings are multiplied by it (Gemma: `sqrt(hidden_size)`).
+        layer_rope_theta (`list[float]`, *optional*):
+            A RoPE base per layer (Gemma 3's local and global layers); `None`: every layer uses
+            `rope_parameters["rope_theta"]`.
         polynomial (`dict`, *optional*):
             The plain-data description of the polynomial approximations (filled by
             `to_polynomial()`); `None` means the exact model.
@@ -64,6 +77,11 @@ class PolyAttnConfig(LlamaConfig):
     mlp_type: str = "gated"
     parallel_residual: bool = False
     position_embedding_type: str = "rope"
+    sandwich_norms: bool = False
+    qk_norm: bool = False
+    query_pre_attn_scalar: int | float | None = None
+    embedding_multiplier: int | float = 1.0
+    layer_rope_theta: list[int | float] | None = None
     polynomial: dict[str, Any] | None = None
 
     def __post_init__(self, **kwargs):
@@ -104,6 +122,12 @@ class PolyAttnConfig(LlamaConfig):
                 f"num_key_value_heads ({kv_heads}) must be positive and divide "
                 f"num_attention_heads ({self.num_attention_heads})"
             )
+        if self.layer_rope_theta is not None and len(self.layer_rope_theta) != self.num_hidden_layers:
+            raise ValueError(
+                f"layer_rope_theta has {len(self.layer_rope_theta)} entries for {self.num_hidden_layers} layers"
+            )
+        if self.query_pre_attn_scalar is not None and not self.query_pre_attn_scalar > 0:
+            raise ValueError(f"query_pre_attn_scalar must be > 0, got {self.query_pre_attn_scalar}")
         if not self.rms_norm_eps > 0:
             raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
 

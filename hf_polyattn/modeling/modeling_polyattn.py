@@ -8,6 +8,8 @@ embedding and its application are transformers' own (GPT-NeoX's, which is Llama'
 head rotates).
 """
 
+import copy
+
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
@@ -102,6 +104,13 @@ class PolyAttnRotaryEmbedding(GPTNeoXRotaryEmbedding):
     """RoPE over the first `partial_rotary_factor` of each head (all of it by default)."""
 
 
+def _with_rope_theta(config: PolyAttnConfig, theta: float) -> PolyAttnConfig:
+    """A shallow copy of `config` whose RoPE base is `theta` (for a layer's own rotary embedding)."""
+    copied = copy.copy(config)
+    copied.rope_parameters = {**(config.rope_parameters or {}), "rope_theta": theta}
+    return copied
+
+
 class PolyAttnAttention(LlamaAttention):
     """Llama's attention block; the score normalisation is dispatched to `"power_softmax"`.
 
@@ -116,6 +125,10 @@ class PolyAttnAttention(LlamaAttention):
         self.reciprocal = ApproximatedOp("reciprocal", exact_reciprocal)
         self.score_probe = nn.Identity()
         self.score_scale: float | None = None
+        if config.query_pre_attn_scalar is not None:
+            self.scaling = config.query_pre_attn_scalar**-0.5
+        self.q_norm = PolyAttnRMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = PolyAttnRMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
 
     def forward(
         self,
@@ -125,12 +138,15 @@ class PolyAttnAttention(LlamaAttention):
         cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Llama's attention with partial rotary (GPT-NeoX's RoPE) and no RoPE under learned positions."""
+        """Llama's attention with partial rotary (GPT-NeoX's RoPE), no RoPE under learned positions,
+        and the optional query/key norms."""
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        if self.q_norm is not None:
+            query, key = self.q_norm(query), self.k_norm(key)
         if position_embeddings is not None:
             query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         if cache is not None:
@@ -153,7 +169,7 @@ class PolyAttnAttention(LlamaAttention):
 
 class PolyAttnDecoderLayer(GradientCheckpointingLayer):
     """Pre-norm block: `h + attn(norm(h))`, then `h + mlp(norm(h))`; with `parallel_residual`,
-    `h + attn(norm1(h)) + mlp(norm2(h))`."""
+    `h + attn(norm1(h)) + mlp(norm2(h))`; with `sandwich_norms`, each branch output normalised too."""
 
     def __init__(self, config: PolyAttnConfig, layer_idx: int):
         super().__init__()
@@ -161,6 +177,8 @@ class PolyAttnDecoderLayer(GradientCheckpointingLayer):
         self.mlp = PolyAttnMLP(config)
         self.input_layernorm = polyattn_norm(config)
         self.post_attention_layernorm = polyattn_norm(config)
+        self.attn_output_norm = polyattn_norm(config) if config.sandwich_norms else nn.Identity()
+        self.mlp_output_norm = polyattn_norm(config) if config.sandwich_norms else nn.Identity()
         self.parallel_residual = config.parallel_residual
 
     def forward(
@@ -180,10 +198,12 @@ class PolyAttnDecoderLayer(GradientCheckpointingLayer):
             position_embeddings=position_embeddings,
             **kwargs,
         )
+        attn_output = self.attn_output_norm(attn_output)
         if self.parallel_residual:
-            return hidden_states + attn_output + self.mlp(self.post_attention_layernorm(hidden_states))
+            mlp_output = self.mlp_output_norm(self.mlp(self.post_attention_layernorm(hidden_states)))
+            return hidden_states + attn_output + mlp_output
         hidden_states = hidden_states + attn_output
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states + self.mlp_output_norm(self.mlp(self.post_attention_layernorm(hidden_states)))
 
 
 class PolyAttnPreTrainedModel(PreTrainedModel):
@@ -295,6 +315,10 @@ class PolyAttnModel(PolyAttnPreTrainedModel):
         learned = config.position_embedding_type == "learned"
         self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size) if learned else None
         self.rotary_emb = None if learned else PolyAttnRotaryEmbedding(config=config)
+        # Layers with their own RoPE base (Gemma 3): one rotary embedding per distinct base.
+        thetas = sorted(set(config.layer_rope_theta or []))
+        self.layer_rotary = nn.ModuleList(PolyAttnRotaryEmbedding(_with_rope_theta(config, t)) for t in thetas)
+        self._layer_rotary_index = [thetas.index(t) for t in config.layer_rope_theta or []]
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -315,6 +339,8 @@ class PolyAttnModel(PolyAttnPreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+            if self.config.embedding_multiplier != 1.0:
+                inputs_embeds = inputs_embeds * torch.tensor(self.config.embedding_multiplier, dtype=inputs_embeds.dtype)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if position_ids is None:
@@ -339,11 +365,12 @@ class PolyAttnModel(PolyAttnPreTrainedModel):
             hidden_states = hidden_states + self.embed_positions(position_ids).to(hidden_states.dtype)
         else:
             position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+        per_base = [rotary(hidden_states, position_ids=position_ids) for rotary in self.layer_rotary]
+        for index, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
             hidden_states = decoder_layer(
                 hidden_states,
                 attention_mask=keep_mask,
-                position_embeddings=position_embeddings,
+                position_embeddings=per_base[self._layer_rotary_index[index]] if per_base else position_embeddings,
                 position_ids=position_ids,
                 cache=cache,
                 use_cache=use_cache,

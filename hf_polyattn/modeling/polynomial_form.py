@@ -222,8 +222,9 @@ def polynomial_report(base_model: nn.Module, config) -> dict[str, Any]:
     - MLP: gate/up projection (1), activation (D_act), ×up (1, gated only), down projection (1)
     - after the last block: final norm (D_is + 4) and the LM head (1).
 
-    LayerNorm adds its centering matmul (1) to each norm; with the parallel residual the block's
-    depth is the deeper of its two branches, which both start from the block input.
+    LayerNorm adds its centering matmul (1) to each norm; query/key norms and sandwich norms add a
+    norm's depth to their branch; with the parallel residual the block's depth is the deeper of
+    its two branches, which both start from the block input.
     """
     ops = approximated_ops(base_model)
     if not ops or any(op.approximation is None for op in ops.values()):
@@ -241,11 +242,19 @@ def polynomial_report(base_model: nn.Module, config) -> dict[str, Any]:
         d_act = ops[prefix + "mlp.act_fn"].approximation.depth
         attention = d_norm1 + 3 + power_depth + mean_extra + d_recip + 4
         mlp = d_norm2 + 1 + d_act + (2 if config.mlp_type == "gated" else 1)
+        if config.qk_norm:  # q and k normalised in parallel, between their projection and q⊙k
+            attention += max(ops[prefix + f"self_attn.{n}_norm.inv_sqrt"].approximation.depth for n in "qk") + 4
+        if config.sandwich_norms:
+            attention += ops[prefix + "attn_output_norm.inv_sqrt"].approximation.depth + norm_extra
+            mlp += ops[prefix + "mlp_output_norm.inv_sqrt"].approximation.depth + norm_extra
         depth = max(attention, mlp) if config.parallel_residual else attention + mlp
         blocks.append({"block": index, "attention_depth": attention, "mlp_depth": mlp, "depth": depth})
     head = ops["norm.inv_sqrt"].approximation.depth + norm_extra + 1
     evaluations_per_token = {
-        "inv_sqrt": 2 * config.num_hidden_layers + 1,
+        # per layer: 2 norms (+2 sandwich norms, + a norm per query head and per KV head), + the final norm
+        "inv_sqrt": config.num_hidden_layers
+        * (2 + 2 * config.sandwich_norms + config.qk_norm * (config.num_attention_heads + config.num_key_value_heads))
+        + 1,
         "reciprocal": config.num_hidden_layers * config.num_attention_heads,
         "activation": config.num_hidden_layers * config.intermediate_size,
     }

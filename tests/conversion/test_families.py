@@ -10,6 +10,10 @@ import copy
 import pytest
 import torch
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     GPTNeoXConfig,
@@ -59,6 +63,25 @@ def gpt2():
     return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.15, **TOKENS))
 
 
+def gemma():
+    return GemmaForCausalLM(GemmaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, initializer_range=0.15, **TOKENS,
+    ))
+
+
+def gemma3():
+    # sliding window 32 > every sequence here, where Gemma's local layers and PolyAttn's agree
+    return Gemma3ForCausalLM(Gemma3TextConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, query_pre_attn_scalar=12, initializer_range=0.15, sliding_window=32,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0}},
+        **TOKENS,
+    ))
+
+
 SOURCES = {
     "llama": llama,
     "llama_tied": lambda: llama(tie=True),
@@ -66,6 +89,8 @@ SOURCES = {
     "gpt_neox_parallel": gpt_neox,
     "gpt_neox_sequential": lambda: gpt_neox(parallel=False),
     "gpt2": gpt2,
+    "gemma": gemma,
+    "gemma3": gemma3,
 }
 
 
@@ -108,6 +133,9 @@ def test_layout_fields_follow_the_source():
     assert neox.rope_parameters["partial_rotary_factor"] == 0.5 and neox.attention_bias
     gpt = convert_checkpoint(build("gpt2")).config
     assert gpt.position_embedding_type == "learned" and gpt.hidden_act == "gelu_new" and gpt.tie_word_embeddings
+    gemma = convert_checkpoint(build("gemma3")).config
+    assert gemma.sandwich_norms and gemma.qk_norm and gemma.query_pre_attn_scalar == 12
+    assert gemma.layer_rope_theta == [10_000.0, 1_000_000.0] and gemma.embedding_multiplier == 32**0.5
 
 
 def test_converted_model_saves_and_loads(tmp_path):
@@ -137,7 +165,7 @@ def test_gpt2_with_layer_scaled_attention_is_refused():
         convert_checkpoint(model)
 
 
-@pytest.mark.parametrize("name", ["gpt_neox_parallel", "gpt2"])
+@pytest.mark.parametrize("name", ["gpt_neox_parallel", "gpt2", "gemma3"])
 def test_polynomial_form_of_a_converted_model(name):
     converted = convert_checkpoint(build(name), attn_eps=1e-2)
     ids = random_ids(2, 12, seed=7)

@@ -6,11 +6,12 @@ prove the map loses nothing).
 """
 
 from .base import Family
+from .gemma import GEMMA
 from .gpt2 import GPT2
 from .gpt_neox import GPT_NEOX
 from .llama import LLAMA, QWEN2
 
-FAMILIES: tuple[Family, ...] = (LLAMA, QWEN2, GPT_NEOX, GPT2)
+FAMILIES: tuple[Family, ...] = (LLAMA, QWEN2, GPT_NEOX, GPT2, GEMMA)
 
 
 def supported_model_types() -> list[str]:
@@ -27,8 +28,8 @@ def family_of(config) -> Family:
             return family
     raise ValueError(
         f"cannot convert a {model_type!r} checkpoint: supported source architectures are "
-        f"{', '.join(supported_model_types())}. Other families (e.g. Gemma) still run Power-Softmax "
-        "directly with attn_implementation='power_softmax'."
+        f"{', '.join(supported_model_types())}. Other families still run Power-Softmax directly "
+        "with attn_implementation='power_softmax'."
     )
 
 
