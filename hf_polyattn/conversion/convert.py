@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..modeling import PolyAttnConfig, PolyAttnForCausalLM
-from .families import family_of, supported_model_types
+from .families import family_of
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3_PACKAGES = " ".join(
@@ -43,8 +43,8 @@ def convert_checkpoint(
 
     Args:
         model_or_path: a loaded causal LM, or a local folder (with `gguf_file` for a GGUF file),
-            of a supported family (`supported_model_types()`: Llama/SmolLM2/Mistral, Qwen2,
-            GPT-NeoX/Pythia, GPT-2).
+            of a supported family (Llama/SmolLM2/Mistral, Qwen2, GPT-NeoX/Pythia, GPT-2, Gemma,
+            Gemma 3; `families.supported_model_types()` lists them).
         attn_power / attn_eps / attn_form: the Power-Softmax attention (see `PolyAttnConfig`).
         gguf_file: a GGUF file in the folder; it is dequantised on loading.
         dtype: the dtype of the converted weights.

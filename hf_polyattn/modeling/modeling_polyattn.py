@@ -2,8 +2,9 @@
 
 The parameter layout is Llama's (`q/k/v/o_proj`, `gate/up/down_proj`, `input_layernorm`,
 `post_attention_layernorm`, `norm`), so a Llama-family checkpoint converts by a plain copy. The
-config's layout fields add what GPT-NeoX and GPT-2 need (LayerNorm, a plain MLP, the parallel
-residual, partial rotary or learned positions) under the same parameter names. The rotary
+config's layout fields add what GPT-NeoX, GPT-2 and Gemma need (LayerNorm, a plain MLP, the
+parallel residual, partial rotary or learned positions, sandwich and query/key norms, a RoPE base
+per layer) under the same parameter names. The rotary
 embedding and its application are transformers' own (GPT-NeoX's, which is Llama's when the whole
 head rotates).
 """
@@ -13,13 +14,12 @@ import copy
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import slice_logits_to_keep
-from transformers.activations import ACT2FN
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXRotaryEmbedding, apply_rotary_pos_emb
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNorm
 from transformers.utils import can_return_tuple
@@ -363,7 +363,7 @@ class PolyAttnModel(PolyAttnPreTrainedModel):
                     f"(max_position_embeddings={self.config.max_position_embeddings})"
                 )
             hidden_states = hidden_states + self.embed_positions(position_ids).to(hidden_states.dtype)
-        else:
+        elif not self.layer_rotary:
             position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         per_base = [rotary(hidden_states, position_ids=position_ids) for rotary in self.layer_rotary]
         for index, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
