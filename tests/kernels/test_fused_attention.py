@@ -79,6 +79,18 @@ def test_model_with_the_fused_implementation_trains_and_generates_like_eager():
     assert torch.equal(fused.generate(ids, **kwargs), eager.generate(ids, **kwargs))
 
 
+def test_from_pretrained_with_the_fused_implementation(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(attn_eps=1e-3)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=FUSED_ATTENTION_NAME).eval()
+    assert loaded.config._attn_implementation == FUSED_ATTENTION_NAME
+    ids = random_ids(1, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-4)
+
+
 def test_cases_the_kernel_does_not_cover_fall_back_to_eager(monkeypatch):
     model = tiny_model(attn_eps=1e-2)
     attention = model.model.layers[0].self_attn
