@@ -13,9 +13,9 @@ import os
 import torch
 from torch import nn
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..modeling.power_softmax import attention_parameters, power_softmax_attention_forward, power_softmax_mask
+from ..modeling.power_softmax import attention_parameters, power_softmax_attention_forward
 
 FUSED_ATTENTION_NAME = "power_softmax_triton"
 
@@ -92,7 +92,16 @@ def fused_attention_forward(
     return output.transpose(1, 2).contiguous(), None
 
 
+def fused_attention_mask(*args, **kwargs) -> torch.Tensor | None:
+    """SDPA's boolean keep-mask, or `None` where it is the plain causal mask (no padding): then the
+    kernel runs without reading or checking a T×T mask (and the eager fallback reads `None` as
+    causal too)."""
+    kwargs.pop("dtype", None)
+    kwargs.pop("config", None)
+    return sdpa_mask(*args, **kwargs)
+
+
 def register() -> None:
     """Register `"power_softmax_triton"` with transformers' attention and mask interfaces."""
     AttentionInterface.register(FUSED_ATTENTION_NAME, fused_attention_forward)
-    AttentionMaskInterface.register(FUSED_ATTENTION_NAME, power_softmax_mask)
+    AttentionMaskInterface.register(FUSED_ATTENTION_NAME, fused_attention_mask)

@@ -26,7 +26,7 @@ BLOCK_N = 64
 
 @triton.jit
 def _even_power(x, P: tl.constexpr):
-    """`x^P` for an even compile-time `P` by repeated squaring-free multiplication."""
+    """`x^P` for an even compile-time `P`, as (x²)^(P/2) by repeated multiplication."""
     square = x * x
     result = square
     for _ in tl.static_range(P // 2 - 1):

@@ -77,6 +77,13 @@ def test_model_with_the_fused_implementation_trains_and_generates_like_eager():
         torch.testing.assert_close(ours.grad, reference.grad, atol=1e-5, rtol=1e-3, msg=name)
     kwargs = dict(max_new_tokens=6, do_sample=False, eos_token_id=None)
     assert torch.equal(fused.generate(ids, **kwargs), eager.generate(ids, **kwargs))
+    # without padding the mask function builds no mask at all: the kernel reads none
+    from transformers.masking_utils import create_causal_mask
+
+    embeds = fused.model.embed_tokens(ids)
+    position_ids = torch.arange(ids.shape[1])[None]
+    assert create_causal_mask(config=fused.config, inputs_embeds=embeds, attention_mask=None, cache=None,
+                              position_ids=position_ids) is None
 
 
 def test_from_pretrained_with_the_fused_implementation(tmp_path):

@@ -15,7 +15,7 @@ _GEMMA3_RENAMES = [  # Gemma 3 name → PolyAttn name (tried in this order, once
     (".pre_feedforward_layernorm.", ".post_attention_layernorm."),
     (".post_feedforward_layernorm.", ".mlp_output_norm."),
 ]
-_NORM_SUFFIXES = ("norm.weight", "layernorm.weight")
+_NORM_SUFFIX = "norm.weight"  # every Gemma norm: *_layernorm, q_norm, k_norm, model.norm
 
 
 def _check(config) -> None:
@@ -72,7 +72,7 @@ def _layout(config) -> dict[str, Any]:
 
 def _shift_norms(state: StateDict, by: float) -> StateDict:
     # Gemma's norms multiply by (1 + w); PolyAttn's by w.
-    return {name: t + by if name.endswith(_NORM_SUFFIXES) else t for name, t in state.items()}
+    return {name: t + by if name.endswith(_NORM_SUFFIX) else t for name, t in state.items()}
 
 
 def _to_polyattn(state: StateDict, config) -> StateDict:
