@@ -73,6 +73,10 @@ def power_softmax(
         raise ValueError(f"form must be 'sum' or 'mean', got {form!r}")
     x = scores if scores.dtype == torch.float64 else scores.float()
     keep = None if mask is None else mask.to(x.dtype)
+    if keep is not None:
+        # Masked scores are zeroed before any scaling: scaled by the *kept* max, a large masked
+        # score's power overflows to inf, and inf · 0 would make the whole row NaN.
+        x = x * keep
 
     floor = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
     if score_scale is not None:
@@ -83,12 +87,12 @@ def power_softmax(
     elif stable_scaling:
         # c depends on the scores but the function does not (it is homogeneous of degree 0 once the
         # floor is rescaled too), so c carries no gradient.
-        magnitude = x.abs() if keep is None else x.abs() * keep
+        magnitude = x.abs()
         inv_c = 1.0 / (magnitude.amax(dim=-1, keepdim=True).detach() + scale_delta)
         x = x * inv_c
         floor = floor * inv_c**power  # underflows to 0 (the right limit) instead of overflowing
 
-    numerator = x**power if keep is None else x**power * keep
+    numerator = x**power
     total = numerator.sum(dim=-1, keepdim=True)
     if form == "sum":
         return numerator * reciprocal(floor + total)

@@ -104,3 +104,16 @@ def test_gradients_flow_and_are_finite():
 def test_bad_power_raises(power):
     with pytest.raises(ValueError, match="power"):
         power_softmax(torch.randn(2, 2), power)
+
+
+@pytest.mark.parametrize("power", [6, 8])
+def test_large_masked_scores_do_not_poison_the_row(power):
+    # The kept keys score ~1e-6 and a masked (future) key scores 20: scaled by the kept max, the
+    # masked score's power overflows to inf, and inf · 0 was NaN (it made p=8 training diverge).
+    scores = torch.tensor([[1e-6, 2e-6, 20.0], [1e-3, 3.0, 20.0]], requires_grad=True)
+    keep = torch.tensor([[1, 1, 0], [1, 1, 0]], dtype=torch.bool)
+    weights = power_softmax(scores, power=power, eps=1e-30, mask=keep)
+    assert torch.isfinite(weights).all() and (weights[:, 2] == 0).all()
+    torch.testing.assert_close(weights.double(), reference(scores.detach(), power, 1e-30, keep, "sum"), rtol=1e-4, atol=0)
+    weights.sum().backward()
+    assert torch.isfinite(scores.grad).all() and (scores.grad[:, 2] == 0).all()
