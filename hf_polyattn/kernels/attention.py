@@ -13,9 +13,9 @@ import os
 import torch
 from torch import nn
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface
 
-from ..modeling.power_softmax import attention_parameters, power_softmax_attention_forward
+from ..modeling.power_softmax import attention_parameters, power_softmax_attention_forward, power_softmax_mask
 
 FUSED_ATTENTION_NAME = "power_softmax_triton"
 
@@ -96,9 +96,7 @@ def fused_attention_mask(*args, **kwargs) -> torch.Tensor | None:
     """SDPA's boolean keep-mask, or `None` where it is the plain causal mask (no padding): then the
     kernel runs without reading or checking a T×T mask (and the eager fallback reads `None` as
     causal too)."""
-    kwargs.pop("dtype", None)
-    kwargs.pop("config", None)
-    return sdpa_mask(*args, **kwargs)
+    return power_softmax_mask(*args, keep_causal_shortcut=True, **kwargs)
 
 
 def register() -> None:

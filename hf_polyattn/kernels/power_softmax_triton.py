@@ -99,6 +99,17 @@ def _forward_kernel(
 
 
 @triton.jit
+def _load_row_statistics(M, DEN, DELTA, batch_head, rows, T_Q):
+    """The forward's saved row max and normaliser, and Δ = dO·O, of these query rows (harmless
+    values on rows past the end, whose q and dO load as 0)."""
+    offsets = batch_head * T_Q + rows
+    row_mask = rows < T_Q
+    row_max = tl.load(M + offsets, mask=row_mask, other=1.0)
+    den = tl.load(DEN + offsets, mask=row_mask, other=1.0)
+    return row_max, den, tl.load(DELTA + offsets, mask=row_mask, other=0.0)
+
+
+@triton.jit
 def _score_gradient(q, k, v, do, row_max, den, row_delta, rows, cols, shift, T_K, scaling,
                     P: tl.constexpr, PRECISION: tl.constexpr):
     """The weights `w` and `ds` (gradient of the scaled scores) of one (query, key) block."""
@@ -139,12 +150,9 @@ def _backward_kv_kernel(
     first = tl.maximum(pid_n * BLOCK_N - shift, 0) // BLOCK_M * BLOCK_M  # earlier queries see none of these keys
     for start in range(first, T_Q, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        row_mask = rows < T_Q
         q = _load_rows(q_base, rows, sq_t, sq_d, T_Q, HEAD_DIM, BLOCK_D)
         do = _load_rows(do_base, rows, sq_t, sq_d, T_Q, HEAD_DIM, BLOCK_D)
-        row_max = tl.load(M + batch_head * T_Q + rows, mask=row_mask, other=1.0)
-        den = tl.load(DEN + batch_head * T_Q + rows, mask=row_mask, other=1.0)
-        row_delta = tl.load(DELTA + batch_head * T_Q + rows, mask=row_mask, other=0.0)
+        row_max, den, row_delta = _load_row_statistics(M, DEN, DELTA, batch_head, rows, T_Q)
         weights, ds = _score_gradient(q, k, v, do, row_max, den, row_delta, rows, cols, shift, T_K, scaling, P, PRECISION)
         dv += tl.dot(tl.trans(weights).to(do.dtype), do, input_precision=PRECISION)
         dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
@@ -166,12 +174,9 @@ def _backward_q_kernel(
     kv_head = head // GROUPS
     shift = T_K - T_Q
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < T_Q
     q = _load_rows(Q + batch * sq_b + head * sq_h, rows, sq_t, sq_d, T_Q, HEAD_DIM, BLOCK_D)
     do = _load_rows(DO + batch * sq_b + head * sq_h, rows, sq_t, sq_d, T_Q, HEAD_DIM, BLOCK_D)
-    row_max = tl.load(M + batch_head * T_Q + rows, mask=row_mask, other=1.0)
-    den = tl.load(DEN + batch_head * T_Q + rows, mask=row_mask, other=1.0)
-    row_delta = tl.load(DELTA + batch_head * T_Q + rows, mask=row_mask, other=0.0)
+    row_max, den, row_delta = _load_row_statistics(M, DEN, DELTA, batch_head, rows, T_Q)
     k_base = K + batch * sk_b + kv_head * sk_h
     v_base = V + batch * sk_b + kv_head * sk_h
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)

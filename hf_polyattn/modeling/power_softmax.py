@@ -179,9 +179,14 @@ def power_softmax_attention_forward(
     return output, weights.reshape(batch, heads, q_len, kv_len)
 
 
-def power_softmax_mask(*args, **kwargs) -> torch.Tensor:
-    """A boolean `(b, 1, q, kv)` keep-mask, always materialised: there is no `is_causal` shortcut."""
-    kwargs["allow_is_causal_skip"] = False
+def power_softmax_mask(*args, keep_causal_shortcut: bool = False, **kwargs) -> torch.Tensor | None:
+    """A boolean `(b, 1, q, kv)` keep-mask, always materialised: there is no `is_causal` shortcut.
+
+    `keep_causal_shortcut=True` (the fused kernel's mask) lets SDPA's builder return `None` for a
+    plain causal mask instead, which `power_softmax_attention_forward` also reads as causal.
+    """
+    if not keep_causal_shortcut:
+        kwargs["allow_is_causal_skip"] = False
     kwargs.pop("dtype", None)
     kwargs.pop("config", None)
     return sdpa_mask(*args, **kwargs)

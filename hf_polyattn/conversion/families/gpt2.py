@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from .base import Family, StateDict, inverse, rename
+from .base import Family, StateDict, fuse_qkv, inverse, rename, split_fused_qkv
 
 _RENAMES = [
     ("transformer.wte.", "model.embed_tokens."),
@@ -21,7 +21,6 @@ _RENAMES = [
 # Conv1D stores (in, out): these weights are transposed to nn.Linear's (out, in).
 _CONV1D = re.compile(r".*\.(self_attn\.o_proj|mlp\.up_proj|mlp\.down_proj)\.weight$")
 _FUSED = re.compile(r"(.*)\.attn\.c_attn\.(weight|bias)$")
-_SPLIT = re.compile(r"(.*)\.self_attn\.q_proj\.(weight|bias)$")
 
 
 def _check(config) -> None:
@@ -59,35 +58,22 @@ def _layout(config) -> dict[str, Any]:
 
 
 def _to_polyattn(state: StateDict, config) -> StateDict:
-    out = {}
-    for name, tensor in state.items():
-        if name.endswith((".attn.bias", ".attn.masked_bias")):  # old causal-mask buffers
-            continue
-        fused = _FUSED.match(name)
-        if fused:
-            prefix, kind = fused.groups()
-            parts = tensor.split(config.n_embd, dim=-1)  # (in, 3·out) / (3·out,)
-            for projection, part in zip(("q_proj", "k_proj", "v_proj"), parts):
-                out[f"{prefix}.self_attn.{projection}.{kind}"] = part.t().contiguous() if kind == "weight" else part
-            continue
-        out[name] = tensor
-    out = rename(out, _RENAMES)
+    def split(tensor: torch.Tensor, kind: str) -> tuple[torch.Tensor, ...]:
+        parts = tensor.split(config.n_embd, dim=-1)  # (in, 3·out) / (3·out,)
+        return tuple(part.t().contiguous() if kind == "weight" else part for part in parts)
+
+    # old checkpoints carry causal-mask buffers: not weights
+    state = {n: t for n, t in state.items() if not n.endswith((".attn.bias", ".attn.masked_bias"))}
+    out = rename(split_fused_qkv(state, _FUSED, split), _RENAMES)
     return {name: t.t().contiguous() if _CONV1D.match(name) else t for name, t in out.items()}
 
 
 def _from_polyattn(state: StateDict, config) -> StateDict:
+    def fuse(parts: list[torch.Tensor], kind: str) -> torch.Tensor:
+        return torch.cat([p.t() for p in parts], dim=-1).contiguous() if kind == "weight" else torch.cat(parts)
+
     state = {name: t.t().contiguous() if _CONV1D.match(name) else t for name, t in state.items()}
-    out = {}
-    for name, tensor in state.items():
-        split = _SPLIT.match(name)
-        if split:
-            prefix, kind = split.groups()
-            parts = [state[f"{prefix}.self_attn.{p}.{kind}"] for p in ("q_proj", "k_proj", "v_proj")]
-            fused = torch.cat([p.t() for p in parts], dim=-1) if kind == "weight" else torch.cat(parts)
-            out[f"{prefix}.attn.c_attn.{kind}"] = fused.contiguous()
-        elif ".self_attn.k_proj." not in name and ".self_attn.v_proj." not in name:
-            out[name] = tensor
-    return rename(out, inverse(_RENAMES))
+    return rename(fuse_qkv(state, "attn.c_attn", fuse), inverse(_RENAMES))
 
 
 GPT2 = Family("GPT-2", ("gpt2",), _layout, _to_polyattn, _from_polyattn, _check)

@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from .base import Family, StateDict, inverse, rename, rope_fields
+from .base import Family, StateDict, fuse_qkv, inverse, rename, rope_fields, split_fused_qkv
 
 _RENAMES = [
     ("gpt_neox.embed_in.", "model.embed_tokens."),
@@ -16,7 +16,6 @@ _RENAMES = [
     (".mlp.dense_4h_to_h.", ".mlp.down_proj."),
 ]
 _FUSED = re.compile(r"(.*)\.attention\.query_key_value\.(weight|bias)$")
-_SPLIT = re.compile(r"(.*)\.self_attn\.q_proj\.(weight|bias)$")
 
 
 def _layout(config) -> dict[str, Any]:
@@ -46,36 +45,25 @@ def _layout(config) -> dict[str, Any]:
 
 def _to_polyattn(state: StateDict, config) -> StateDict:
     heads = config.num_attention_heads
-    out = {}
-    for name, tensor in state.items():
-        if name.endswith((".attention.bias", ".attention.masked_bias")):  # old causal-mask buffers
-            continue
-        fused = _FUSED.match(name)
-        if fused:
-            # The fused rows are per head: [q_h, k_h, v_h] for h = 0..H-1.
-            prefix, kind = fused.groups()
-            per_head = tensor.reshape(heads, 3, -1, *tensor.shape[1:])
-            for index, projection in enumerate(("q_proj", "k_proj", "v_proj")):
-                out[f"{prefix}.self_attn.{projection}.{kind}"] = per_head[:, index].reshape(-1, *tensor.shape[1:])
-            continue
-        out[name] = tensor
-    return rename(out, _RENAMES)
+
+    def split(tensor: torch.Tensor, kind: str) -> tuple[torch.Tensor, ...]:
+        # The fused rows are per head: [q_h, k_h, v_h] for h = 0..H-1.
+        per_head = tensor.reshape(heads, 3, -1, *tensor.shape[1:])
+        return tuple(per_head[:, index].reshape(-1, *tensor.shape[1:]) for index in range(3))
+
+    # old checkpoints carry causal-mask buffers: not weights
+    state = {n: t for n, t in state.items() if not n.endswith((".attention.bias", ".attention.masked_bias"))}
+    return rename(split_fused_qkv(state, _FUSED, split), _RENAMES)
 
 
 def _from_polyattn(state: StateDict, config) -> StateDict:
     heads = config.num_attention_heads
-    state = rename(state, inverse(_RENAMES))
-    out = {}
-    for name, tensor in state.items():
-        split = _SPLIT.match(name)
-        if split:
-            prefix, kind = split.groups()
-            parts = [state[f"{prefix}.self_attn.{p}.{kind}"] for p in ("q_proj", "k_proj", "v_proj")]
-            per_head = torch.stack([p.reshape(heads, -1, *tensor.shape[1:]) for p in parts], dim=1)
-            out[f"{prefix}.attention.query_key_value.{kind}"] = per_head.reshape(-1, *tensor.shape[1:])
-        elif ".self_attn.k_proj." not in name and ".self_attn.v_proj." not in name:
-            out[name] = tensor
-    return out
+
+    def fuse(parts: list[torch.Tensor], kind: str) -> torch.Tensor:
+        per_head = torch.stack([p.reshape(heads, -1, *p.shape[1:]) for p in parts], dim=1)
+        return per_head.reshape(-1, *parts[0].shape[1:])
+
+    return fuse_qkv(rename(state, inverse(_RENAMES)), "attention.query_key_value", fuse)
 
 
 GPT_NEOX = Family("GPT-NeoX", ("gpt_neox",), _layout, _to_polyattn, _from_polyattn)
