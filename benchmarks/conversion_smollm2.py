@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments
 
-from hf_polyattn.conversion.calibrate import calibration_batches
-from hf_polyattn.conversion.convert import convert_checkpoint, load_smollm2
-from hf_polyattn.conversion.corpora import read_texts, shakespeare_texts
-from hf_polyattn.conversion.data import teacher_continuations, text_blocks
-from hf_polyattn.conversion.distill import DistillationTrainer
-from hf_polyattn.conversion.pretrain import split_text
+from hf_polyattn.training.calibrate import calibration_batches
+from hf_polyattn.conversion.checkpoints import load_smollm2
+from hf_polyattn.conversion.convert import convert_checkpoint
+from hf_polyattn.training.corpora import read_texts, shakespeare_texts
+from hf_polyattn.training.data import teacher_continuations, text_blocks
+from hf_polyattn.training.distill import DistillationTrainer
+from hf_polyattn.training.pretrain import split_text
 from hf_polyattn.evaluation.benchmarks import evaluate_task
 from hf_polyattn.evaluation.loglikelihood import text_bits_per_byte
 from report import command_line, write_results

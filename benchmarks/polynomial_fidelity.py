@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_polyattn.conversion.calibrate import calibration_batches
-from hf_polyattn.conversion.corpora import read_texts
-from hf_polyattn.conversion.data import text_blocks
-from hf_polyattn.conversion.pretrain import pretrain, split_text
+from hf_polyattn.training.calibrate import calibration_batches
+from hf_polyattn.training.corpora import read_texts
+from hf_polyattn.training.data import text_blocks
+from hf_polyattn.training.pretrain import pretrain, split_text
 from hf_polyattn.evaluation.fidelity import polynomial_fidelity
 from report import command_line, write_results
 

@@ -34,9 +34,9 @@ from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_polyattn import PolyAttnConfig, PolyAttnForCausalLM
-from hf_polyattn.conversion.corpora import shakespeare_texts
-from hf_polyattn.conversion.data import text_blocks, train_byte_level_tokenizer
-from hf_polyattn.conversion.pretrain import split_text, train_language_model
+from hf_polyattn.training.corpora import shakespeare_texts
+from hf_polyattn.training.data import text_blocks, train_byte_level_tokenizer
+from hf_polyattn.training.pretrain import split_text, train_language_model
 from hf_polyattn.evaluation.probes import (
     associative_recall_accuracy,
     associative_recall_blocks,

@@ -15,8 +15,8 @@ from peft import AutoPeftModelForCausalLM, LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 import hf_polyattn  # noqa: F401  (registers PolyAttn with transformers and peft)
-from hf_polyattn.conversion.corpora import read_texts
-from hf_polyattn.conversion.data import text_blocks
+from hf_polyattn.training.corpora import read_texts
+from hf_polyattn.training.data import text_blocks
 
 
 def main(argv=None) -> None:

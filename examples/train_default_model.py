@@ -14,9 +14,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from hf_polyattn.conversion.calibrate import calibrate
-from hf_polyattn.conversion.corpora import read_texts
-from hf_polyattn.conversion.pretrain import pretrain, split_text
+from hf_polyattn.training.calibrate import calibrate
+from hf_polyattn.training.corpora import read_texts
+from hf_polyattn.training.pretrain import pretrain, split_text
 from hf_polyattn.assets import DEFAULT_MODEL_DIR
 
 

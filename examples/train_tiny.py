@@ -10,8 +10,8 @@ Prints held-out perplexity before and after training, saves model + tokenizer to
 import argparse
 from pathlib import Path
 
-from hf_polyattn.conversion.corpora import read_texts
-from hf_polyattn.conversion.pretrain import pretrain
+from hf_polyattn.training.corpora import read_texts
+from hf_polyattn.training.pretrain import pretrain
 
 
 def main(argv=None) -> Path:

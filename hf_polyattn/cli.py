@@ -57,10 +57,10 @@ def _polynomialize(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_polyattn.conversion.calibrate import calibration_batches
-    from hf_polyattn.conversion.corpora import read_texts
-    from hf_polyattn.conversion.data import text_blocks
-    from hf_polyattn.conversion.pretrain import split_text
+    from hf_polyattn.training.calibrate import calibration_batches
+    from hf_polyattn.training.corpora import read_texts
+    from hf_polyattn.training.data import text_blocks
+    from hf_polyattn.training.pretrain import split_text
     from hf_polyattn.evaluation.fidelity import polynomial_fidelity
 
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
@@ -137,7 +137,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from hf_polyattn.conversion.convert import convert_checkpoint, load_checkpoint
+    from hf_polyattn.conversion.checkpoints import load_checkpoint
+    from hf_polyattn.conversion.convert import convert_checkpoint
 
     source, tokenizer = load_checkpoint(args.source)
     model = convert_checkpoint(source, attn_power=args.power, attn_eps=args.eps, attn_form=args.form)
@@ -152,11 +153,11 @@ def _distill(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, TrainingArguments
 
-    from hf_polyattn.conversion.convert import load_checkpoint
-    from hf_polyattn.conversion.corpora import read_texts
-    from hf_polyattn.conversion.data import text_blocks
-    from hf_polyattn.conversion.distill import DistillationTrainer
-    from hf_polyattn.conversion.pretrain import split_text
+    from hf_polyattn.conversion.checkpoints import load_checkpoint
+    from hf_polyattn.training.corpora import read_texts
+    from hf_polyattn.training.data import text_blocks
+    from hf_polyattn.training.distill import DistillationTrainer
+    from hf_polyattn.training.pretrain import split_text
 
     teacher, tokenizer = load_checkpoint(args.teacher)
     student = AutoModelForCausalLM.from_pretrained(args.student)
@@ -195,7 +196,7 @@ def _distill(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from hf_polyattn.conversion.convert import load_checkpoint
+    from hf_polyattn.conversion.checkpoints import load_checkpoint
     from hf_polyattn.evaluation.benchmarks import evaluate_task
     from hf_polyattn.evaluation.tasks import TASKS
 

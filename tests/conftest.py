@@ -21,7 +21,7 @@ def python_docs() -> list[str]:
 @pytest.fixture(scope="session")
 def trained_tiny(python_docs, tmp_path_factory):
     """A tiny PolyAttn model trained for a few seconds on the Python docs (a PretrainResult)."""
-    from hf_polyattn.conversion.pretrain import pretrain
+    from hf_polyattn.training.pretrain import pretrain
 
     return pretrain(
         python_docs,

@@ -1,1 +1,1 @@
-"""From text and softmax checkpoints to trained PolyAttn models."""
+"""Softmax checkpoints → PolyAttn: weight maps per source family (and their inverse), offline checkpoint loading."""

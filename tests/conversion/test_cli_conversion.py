@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from hf_polyattn import PolyAttnForCausalLM
 from hf_polyattn.cli import main as cli_main
-from hf_polyattn.conversion.data import train_byte_level_tokenizer
+from hf_polyattn.training.data import train_byte_level_tokenizer
 from hf_polyattn.evaluation.benchmarks import evaluate_task
 from tests.evaluation.test_benchmarks import mc_rows, write_task
 

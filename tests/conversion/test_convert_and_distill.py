@@ -7,7 +7,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 from hf_polyattn.conversion.convert import convert_checkpoint
-from hf_polyattn.conversion.distill import DistillationTrainer, distillation_kl
+from hf_polyattn.training.distill import DistillationTrainer, distillation_kl
 from tests.helpers import random_ids
 
 ATTENTION = dict(attn_power=4, attn_eps=1e-6, attn_form="sum")

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from hf_polyattn.conversion.calibrate import calibration_batches
-from hf_polyattn.conversion.pretrain import split_text
+from hf_polyattn.training.calibrate import calibration_batches
+from hf_polyattn.training.pretrain import split_text
 from hf_polyattn.evaluation.fidelity import polynomial_fidelity
 from hf_polyattn.modeling.polynomial_form import PolynomialDomainWarning, approximated_ops
 from tests.helpers import Encrypted, left_padded_batch, random_ids, tiny_model

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from hf_polyattn import PolyAttnForCausalLM
-from hf_polyattn.conversion.convert import convert_checkpoint, export_weights, load_gemma3
+from hf_polyattn.conversion.checkpoints import load_gemma3
+from hf_polyattn.conversion.convert import convert_checkpoint, export_weights
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from hf_polyattn import PolyAttnForCausalLM
-from hf_polyattn.conversion.convert import convert_checkpoint, load_smollm2
+from hf_polyattn.conversion.checkpoints import load_smollm2
+from hf_polyattn.conversion.convert import convert_checkpoint
 from hf_polyattn.evaluation.benchmarks import evaluate_task
 
 pytestmark = pytest.mark.slow

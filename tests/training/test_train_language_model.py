@@ -2,7 +2,7 @@
 
 from datasets import Dataset
 
-from hf_polyattn.conversion.pretrain import train_language_model
+from hf_polyattn.training.pretrain import train_language_model
 from tests.helpers import random_ids, tiny_model
 
 

@@ -5,7 +5,7 @@ from peft import AutoPeftModelForCausalLM, LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from hf_polyattn import LORA_TARGET_MODULES
-from hf_polyattn.conversion.data import text_blocks, train_byte_level_tokenizer
+from hf_polyattn.training.data import text_blocks, train_byte_level_tokenizer
 from tests.helpers import random_ids, tiny_model
 
 TEXT = [

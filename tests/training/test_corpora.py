@@ -2,7 +2,7 @@
 
 import pytest
 
-from hf_polyattn.conversion.corpora import bigbench_texts, read_texts
+from hf_polyattn.training.corpora import bigbench_texts, read_texts
 
 
 def test_read_texts_takes_files_folders_and_refuses_the_rest(tmp_path):
@@ -38,7 +38,7 @@ def test_teacher_continuations_extend_windows_of_the_text(python_docs):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hf_polyattn.conversion.data import teacher_continuations, train_byte_level_tokenizer
+    from hf_polyattn.training.data import teacher_continuations, train_byte_level_tokenizer
 
     text = python_docs[0] + python_docs[1]
     tokenizer = train_byte_level_tokenizer([text], vocab_size=320)

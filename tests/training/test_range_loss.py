@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
-from hf_polyattn.conversion.range_loss import RangeLoss, RangeLossTrainer
+from hf_polyattn.training.range_loss import RangeLoss, RangeLossTrainer
 from tests.helpers import random_ids, tiny_model
 
 BATCHES = [random_ids(4, 16, seed=s) for s in range(4)]
