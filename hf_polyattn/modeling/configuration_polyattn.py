@@ -10,6 +10,15 @@ NORM_TYPES = ("rms", "layer")
 MLP_TYPES = ("gated", "plain")
 POSITION_EMBEDDING_TYPES = ("rope", "learned")
 
+# Where `trust_remote_code=True` finds each class in a saved folder: the flattened module names
+# that `save_pretrained` copies next to the weights (modeling_polyattn.py and its same-folder
+# imports). Every PolyAttn save writes all three, whichever class is saved.
+AUTO_MAP = {
+    "AutoConfig": "configuration_polyattn.PolyAttnConfig",
+    "AutoModel": "modeling_polyattn.PolyAttnModel",
+    "AutoModelForCausalLM": "modeling_polyattn.PolyAttnForCausalLM",
+}
+
 
 @strict
 class PolyAttnConfig(LlamaConfig):
@@ -67,6 +76,7 @@ class PolyAttnConfig(LlamaConfig):
     """
 
     model_type = "polyattn"
+    _auto_class = "AutoConfig"  # saving ships configuration_polyattn.py (see AUTO_MAP)
 
     attn_power: int = 4
     attn_eps: float = 1e-6

@@ -26,7 +26,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .configuration_polyattn import PolyAttnConfig
+from .configuration_polyattn import AUTO_MAP, PolyAttnConfig
 from .calibration import record_ranges
 from .polynomial_form import (
     ApproximatedOp,
@@ -229,6 +229,17 @@ class PolyAttnPreTrainedModel(PreTrainedModel):
             )
         return super().get_correct_attn_implementation(requested_attention, is_init_check)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained` (and so `push_to_hub`), always shipping the model code.
+
+        The folder gets `modeling_polyattn.py` with its same-folder imports and the full
+        `auto_map`, so it loads with `trust_remote_code=True` in a process that cannot import
+        `hf_polyattn` (lm-evaluation-harness, plain scripts). transformers writes only the saved
+        class's own Auto entry; the others are added here.
+        """
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def post_init(self):
         super().post_init()
         if polynomial_enabled(self.config) and self is self.base_model:
@@ -302,6 +313,8 @@ class PolyAttnPreTrainedModel(PreTrainedModel):
 
 class PolyAttnModel(PolyAttnPreTrainedModel):
     """The decoder stack: embeddings (+ learned positions) → PolyAttn blocks → final norm."""
+
+    _auto_class = "AutoModel"  # save_pretrained copies this file and its siblings (AUTO_MAP)
 
     def __init__(self, config: PolyAttnConfig):
         super().__init__(config)
@@ -384,6 +397,7 @@ class PolyAttnForCausalLM(PolyAttnPreTrainedModel, SecureGenerationMixin, Genera
     and `generate(secure=True)` runs it over CKKS (see `secure_generation.py`)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _auto_class = "AutoModelForCausalLM"  # save_pretrained copies this file and its siblings (AUTO_MAP)
 
     def __init__(self, config: PolyAttnConfig):
         super().__init__(config)

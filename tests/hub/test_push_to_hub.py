@@ -70,3 +70,29 @@ def test_push_with_tokenizer_ships_the_secure_pipeline(fake_hub, tmp_path):
         pipeline("secure-text-generation", model=str(tmp_path))
     pipe = pipeline("secure-text-generation", model=str(tmp_path), trust_remote_code=True)
     assert type(pipe).__name__ == "SecureTextGenerationPipeline"
+
+
+def test_push_puts_saved_eval_results_in_the_card_model_index(fake_hub, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_polyattn.evaluation.harness import save_eval_results
+
+    tiny_model().save_pretrained(tmp_path)
+    save_eval_results(tmp_path, {"piqa": {"acc": 0.5, "acc_norm": 0.625, "n": 8}}, engine="builtin")
+    save_eval_results(tmp_path, {"lambada": {"acc": 0.25, "bits_per_byte": 1.5, "n": 4}}, engine="lm-eval")
+    push_to_hub(AutoModelForCausalLM.from_pretrained(tmp_path), "someone/scored-polyattn")
+
+    metadata = yaml.safe_load(fake_hub["README.md"].decode().split("---")[1])
+    (entry,) = metadata["model-index"]
+    assert entry["name"] == "scored-polyattn"
+    scores = {
+        (result["dataset"]["type"], metric["type"]): metric["value"]
+        for result in entry["results"]
+        for metric in result["metrics"]
+    }
+    assert scores == {("piqa", "acc"): 0.5, ("piqa", "acc_norm"): 0.625, ("lambada", "acc"): 0.25, ("lambada", "bits_per_byte"): 1.5}
+
+
+def test_push_without_eval_results_writes_no_model_index(fake_hub):
+    push_to_hub(tiny_model(), "someone/unscored")
+    assert "model-index" not in yaml.safe_load(fake_hub["README.md"].decode().split("---")[1])

@@ -54,3 +54,15 @@ def test_teacher_reference_scores(smollm2, task, expected):
     assert result["n"] == 200
     for metric, value in expected.items():
         assert result[metric] == pytest.approx(value, abs=1e-3), (metric, result)
+
+
+def test_lm_eval_harness_scores_the_teacher_as_our_harness_does(smollm2):
+    """lm-eval's HFLM over the shipped PIQA YAML: the same accuracies on 50 items."""
+    from hf_polyattn.evaluation.harness import evaluate_with_lm_eval, lm_eval_scores
+
+    teacher, tokenizer = smollm2
+    ours = evaluate_task(teacher, tokenizer, "piqa", limit=50, batch_size=16, progress=False)
+    theirs = lm_eval_scores(evaluate_with_lm_eval(teacher, tokenizer, ["piqa"], limit=50, batch_size=16))["piqa"]
+    assert theirs["n"] == ours["n"] == 50
+    assert theirs["acc"] == pytest.approx(ours["acc"], abs=1e-9)
+    assert theirs["acc_norm"] == pytest.approx(ours["acc_norm"], abs=1e-9)
