@@ -137,6 +137,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    if args.recover:
+        return _recover(args)
     from hf_polyattn.conversion.checkpoints import load_checkpoint
     from hf_polyattn.conversion.convert import convert_checkpoint
 
@@ -146,6 +148,24 @@ def _convert(args: argparse.Namespace) -> int:
     tokenizer.save_pretrained(args.out)
     print(f"converted {args.source} ({source.config.model_type}, {model.num_parameters() / 1e6:.1f}M parameters) "
           f"to PolyAttn p={args.power} ({args.form}) in {args.out}")
+    return 0
+
+
+def _recover(args: argparse.Namespace) -> int:
+    from hf_polyattn.training.recovery import Recovery, RecoverySettings, format_recovery_table, parse_budget
+
+    try:
+        budget = parse_budget(args.budget)
+        settings = RecoverySettings(
+            teacher=args.source, attn_power=args.power, attn_eps=args.eps, attn_form=args.form, data=args.data,
+            transfer_tokens=args.transfer_tokens, eval_limit=args.eval_limit, quick_eval_limit=args.quick_eval_limit,
+            **({"tasks": tuple(args.tasks.split(","))} if args.tasks else {}),
+        )
+        state = Recovery(settings, args.out).run(budget)
+    except ValueError as error:  # a bad budget, a mismatched resume: said before any work
+        print(f"hf-polyattn: {error}", file=sys.stderr)
+        return 2
+    print(format_recovery_table(state))
     return 0
 
 
@@ -324,6 +344,15 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--power", type=int, default=4)
     convert.add_argument("--eps", type=float, default=1e-6)
     convert.add_argument("--form", choices=["sum", "mean"], default="sum")
+    convert.add_argument("--recover", action="store_true",
+                         help="then recover the quality on this machine: attention transfer, distillation, polynomial "
+                              "form and evaluation, within --budget; re-run the same command to resume")
+    convert.add_argument("--budget", default="2h30m", help="with --recover: wall time, e.g. 2h30m, 90m")
+    convert.add_argument("--data", nargs="*", help="with --recover: training text (default: shakespeare)")
+    convert.add_argument("--transfer-tokens", type=int, default=65536, help="with --recover: attention-transfer tokens")
+    convert.add_argument("--tasks", help="with --recover: benchmark tasks (default: the five MC tasks, lambada, arc_easy_5shot)")
+    convert.add_argument("--eval-limit", type=int, default=500, help="with --recover: items per task, final rows")
+    convert.add_argument("--quick-eval-limit", type=int, default=100, help="with --recover: items per task, intermediate rows")
     convert.set_defaults(run=_convert)
 
     distill = commands.add_parser("distill", help="distill a converted student back to its softmax teacher")

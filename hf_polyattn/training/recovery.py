@@ -1,0 +1,409 @@
+"""The whole CPU recipe that turns a softmax checkpoint into a working PolyAttn model, in one call.
+
+    convert → attention transfer → distillation (cached top-k teacher, bf16) → polynomial form
+
+with a wall-time budget: each stage is planned from measured throughputs before it starts, the
+distillation takes what the later stages leave, and the run stops at a stage boundary with a
+usable model when the budget runs out (and says so). Everything is resumable: `out_dir/state.json`
+records the settings and the finished stages, attention transfer checkpoints every layer and
+distillation every `save_every` steps, so re-running the same call continues where it stopped (a
+different teacher, power, form, eps or data is refused by name). After each stage the model is
+scored (benchmarks, held-out KL to the teacher and perplexity) into `state.json`'s rows, which
+`format_recovery_table` prints.
+"""
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils.logging import tqdm
+
+from ..conversion.checkpoints import load_checkpoint
+from ..conversion.convert import convert_checkpoint
+from ..evaluation.benchmarks import evaluate_task
+from ..evaluation.fidelity import polynomial_fidelity
+from .attention_transfer import record_teacher, transfer_attention
+from .calibrate import calibration_batches
+from .corpora import read_texts
+from .data import text_blocks
+from .distill import DistillationTrainer, cpu_supports_bf16, distillation_kl, merge_trained, select_trainable
+from .pretrain import split_text
+from .teacher_cache import build_teacher_cache
+
+STATE = "state.json"
+STAGES = ("transferred", "distilled", "polynomial")  # "converted" is recomputed from the teacher in seconds
+MULTIPLE_CHOICE = ("hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande")
+
+# Throughputs measured on 2 cores with avx512_bf16 (SmolLM2-135M); they plan the stages. A faster
+# machine only finishes early; a slower one is caught by the budget checks between stages.
+TEACHER_TOKENS_PER_SECOND = 120.0  # teacher forward with every layer's attention recorded
+TRANSFER_SECONDS_PER_LAYER_PER_BLOCK = 0.55  # one 512-token block, forward+backward+error passes
+CACHE_TOKENS_PER_SECOND = 1500.0  # teacher top-k cache (bf16)
+DISTILL_TOKENS_PER_SECOND = 390.0  # cached top-k, bf16 autocast, all parameters
+EVAL_SECONDS_PER_REQUEST = 0.12  # one (context, continuation) pair, fp32, batch 16
+POLYNOMIAL_SLOWDOWN = 3.0  # the polynomial form's iterations make its forward slower
+MIN_DISTILL_SECONDS = 300.0
+
+
+@dataclass
+class RecoverySettings:
+    """Everything that defines a recovery run; the fields marked `identity` must match on resume."""
+
+    teacher: str = "smollm2"
+    attn_power: int = 4
+    attn_eps: float = 1e-6
+    attn_form: str = "sum"
+    data: list[str] | None = None  # read_texts(): files, folders, "shakespeare", "bigbench"
+    seed: int = 0
+    # attention transfer
+    transfer_tokens: int = 65536
+    transfer_block: int = 512
+    transfer_batch: int = 4
+    transfer_lr: float = 3e-3
+    transfer_inputs: str = "student"
+    # distillation
+    distill_block: int = 256
+    distill_batch: int = 4
+    distill_lr: float = 2e-4
+    distill_train: str = "all"
+    distill_max_tokens: int | None = None  # None: as many as the budget allows
+    topk: int = 64
+    range_loss_weight: float = 0.1
+    save_every: int = 50
+    # polynomial form
+    calibration_blocks: int = 32
+    calibration_block: int = 256
+    tolerance: float = 1e-3
+    # evaluation
+    tasks: tuple[str, ...] = MULTIPLE_CHOICE + ("lambada", "arc_easy_5shot")
+    eval_limit: int = 500  # items per task for the reference and final rows (teacher, distilled, polynomial)
+    quick_eval_limit: int = 100  # for the intermediate rows (converted, transferred): the curve's shape
+    held_out_blocks: int = 16
+    held_out_block: int = 256
+    evaluate_stages: tuple[str, ...] = ("teacher", "converted") + STAGES
+
+    IDENTITY = ("teacher", "attn_power", "attn_eps", "attn_form", "data", "seed", "transfer_tokens",
+                "transfer_block", "transfer_inputs", "distill_block", "distill_batch", "distill_train", "topk",
+                "distill_max_tokens")
+
+    def __post_init__(self):
+        self.tasks = tuple(self.tasks)
+        self.evaluate_stages = tuple(self.evaluate_stages)
+        unknown = set(self.evaluate_stages) - {"teacher", "converted", *STAGES}
+        if unknown:
+            raise ValueError(f"unknown stages to evaluate {sorted(unknown)}; known: teacher, converted, {', '.join(STAGES)}")
+
+
+def parse_budget(text: str) -> float:
+    """`"2h30m"`, `"90m"`, `"45s"` or plain seconds → seconds."""
+    total, number, units = 0.0, "", {"h": 3600, "m": 60, "s": 1}
+    for char in text.strip().lower():
+        if char.isdigit() or char == ".":
+            number += char
+        elif char in units and number:
+            total, number = total + float(number) * units[char], ""
+        else:
+            raise ValueError(f"cannot read the budget {text!r}: use e.g. 2h30m, 90m or 5400")
+    total += float(number) if number else 0.0
+    if total <= 0:
+        raise ValueError(f"the budget must be positive, got {text!r}")
+    return total
+
+
+def _format_seconds(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
+
+
+class _Deadline(TrainerCallback):
+    """Stops training (after saving a checkpoint) when the wall clock passes the deadline."""
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.monotonic() >= self.deadline:
+            control.should_save = control.should_training_stop = True
+
+
+class Recovery:
+    """One recovery run in `out_dir` (see the module docstring); `run(budget_seconds)` does the work."""
+
+    def __init__(self, settings: RecoverySettings, out_dir: str | Path, progress: bool = True):
+        self.settings = settings
+        self.out_dir = Path(out_dir)
+        self.progress = progress
+        self.state = self._load_state()
+        self._stage_notes: dict[str, dict[str, Any]] = {}  # what a stage reports besides its model
+
+    # ------------------------------------------------------------------ state and planning
+    def _load_state(self) -> dict[str, Any]:
+        path = self.out_dir / STATE
+        wanted = asdict(self.settings)
+        if not path.is_file():
+            return {"settings": wanted, "stages": {}, "rows": {}, "runs": []}
+        state = json.loads(path.read_text())
+        for name in RecoverySettings.IDENTITY:
+            before, now = state["settings"].get(name), wanted[name]
+            if before != (list(now) if isinstance(now, tuple) else now):
+                raise ValueError(
+                    f"{name}: the run in {self.out_dir} was made with {before!r}, this one asks for {now!r}; "
+                    "use another output folder or the same settings"
+                )
+        state["settings"] = wanted  # the others (learning rates, evaluation) may change on resume
+        return state
+
+    def _save_state(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / STATE).write_text(json.dumps(self.state, indent=2) + "\n")
+
+    def _eval_limit(self, row: str) -> int:
+        return self.settings.quick_eval_limit if row in ("converted", "transferred") else self.settings.eval_limit
+
+    def _eval_seconds(self, row: str) -> float:
+        s = self.settings
+        if row not in s.evaluate_stages or row in self.state["rows"]:
+            return 0.0
+        requests = sum(_requests_per_item(task) for task in s.tasks) * self._eval_limit(row)
+        seconds = requests * EVAL_SECONDS_PER_REQUEST + s.held_out_blocks * s.held_out_block / 500
+        return seconds * (POLYNOMIAL_SLOWDOWN if row == "polynomial" else 1.0)
+
+    def estimate(self, stage: str, num_layers: int = 30) -> float:
+        """Planned seconds of `stage` (evaluation of its row included) on a 2-core machine."""
+        s = self.settings
+        if stage == "transferred":
+            blocks = s.transfer_tokens // s.transfer_block
+            seconds = s.transfer_tokens / TEACHER_TOKENS_PER_SECOND
+            seconds += num_layers * blocks * TRANSFER_SECONDS_PER_LAYER_PER_BLOCK * s.transfer_block / 512
+        elif stage == "distilled":
+            seconds = MIN_DISTILL_SECONDS
+        else:  # polynomial: calibration + fidelity on the held-out blocks
+            seconds = (s.calibration_blocks * s.calibration_block + s.held_out_blocks * s.held_out_block) / 300
+        return seconds + self._eval_seconds(stage)
+
+    # ------------------------------------------------------------------ the run
+    def run(self, budget_seconds: float) -> dict[str, Any]:
+        """Run the pending stages within `budget_seconds` of wall time; returns the state.
+
+        Raises `ValueError` before any work when the budget cannot fit even the next stage.
+        """
+        s = self.settings
+        start = time.monotonic()
+        deadline = start + budget_seconds
+        pending = [stage for stage in STAGES if stage not in self.state["stages"]]
+        if pending:
+            first = self._eval_seconds("teacher") + self._eval_seconds("converted") + self.estimate(pending[0])
+            if budget_seconds < first:
+                raise ValueError(
+                    f"a budget of {_format_seconds(budget_seconds)} is too small for the next stage "
+                    f"({pending[0]}: ≈ {_format_seconds(first)} on 2 cores); give at least that, or fewer "
+                    "transfer tokens / evaluation items"
+                )
+        run_log = {"budget_seconds": budget_seconds, "stages": []}
+        self.state["runs"].append(run_log)
+
+        teacher, tokenizer = load_checkpoint(s.teacher)
+        train_text, held_out_text = split_text(read_texts(s.data))
+        held_out = torch.tensor(text_blocks(tokenizer, [held_out_text], s.held_out_block)["input_ids"][: s.held_out_blocks])
+        self._evaluate("teacher", teacher, tokenizer, teacher, held_out)
+        student = convert_checkpoint(teacher, attn_power=s.attn_power, attn_eps=s.attn_eps, attn_form=s.attn_form)
+        self._evaluate("converted", student, tokenizer, teacher, held_out)
+
+        for stage in STAGES:
+            folder = self.out_dir / stage
+            if stage in self.state["stages"]:
+                student = AutoModelForCausalLM.from_pretrained(folder).eval()
+                continue
+            left = deadline - time.monotonic()
+            needed = self.estimate(stage, student.config.num_hidden_layers)
+            later = sum(self.estimate(other, student.config.num_hidden_layers) for other in STAGES[STAGES.index(stage) + 1 :])
+            if left < needed:
+                self._stop(run_log, f"the budget has {_format_seconds(left)} left, {stage} needs ≈ {_format_seconds(needed)}")
+                break
+            stage_start = time.monotonic()
+            if stage == "transferred":
+                student = self._transfer(teacher, student, tokenizer, train_text)
+            elif stage == "distilled":
+                student = self._distill(teacher, student, tokenizer, train_text, deadline=deadline - later)
+            else:
+                student = self._polynomial(student, tokenizer, train_text, held_out)
+            student.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            seconds = time.monotonic() - stage_start
+            self.state["stages"][stage] = {"seconds": seconds, "folder": str(folder), **self._stage_notes.get(stage, {})}
+            run_log["stages"].append(stage)
+            self._save_state()
+            self._evaluate(stage, student, tokenizer, teacher, held_out)
+        run_log["seconds"] = time.monotonic() - start
+        self._save_state()
+        return self.state
+
+    def _stop(self, run_log: dict, reason: str) -> None:
+        done = [stage for stage in STAGES if stage in self.state["stages"]]
+        usable = self.out_dir / done[-1] if done else None
+        message = f"stopped at a stage boundary: {reason}. " + (
+            f"The last finished stage is in {usable}; run the same command again to continue."
+            if usable else "No stage finished; run again with a larger budget."
+        )
+        run_log["stopped"] = message
+        print(message)
+
+    def _transfer(self, teacher, student, tokenizer, train_text: str):
+        s = self.settings
+        blocks = torch.tensor(text_blocks(tokenizer, [train_text], s.transfer_block)["input_ids"])
+        blocks = blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(s.seed))]
+        blocks = blocks[: max(1, s.transfer_tokens // s.transfer_block)]
+        record = self.out_dir / "record"
+        record_teacher(teacher, blocks, record, name=s.teacher, batch_size=s.transfer_batch, progress=self.progress)
+        report = transfer_attention(
+            student, record, self.out_dir / "transfer", lr=s.transfer_lr, batch_size=s.transfer_batch,
+            inputs=s.transfer_inputs, seed=s.seed, progress=self.progress,
+        )
+        self._stage_notes["transferred"] = {"layers": report}
+        return student.eval()
+
+    def _distill(self, teacher, student, tokenizer, train_text: str, deadline: float):
+        s = self.settings
+        bf16 = cpu_supports_bf16() if not torch.cuda.is_available() else torch.cuda.is_bf16_supported()
+        seconds = max(0.0, deadline - time.monotonic())
+        tokens_per_step = s.distill_batch * s.distill_block
+        # Plan the steps the time allows (the cache is built for exactly those blocks, so a resume
+        # with the same plan reuses it); the deadline callback guards a slower machine.
+        planned = self.state.get("distill_steps")
+        if planned is None:
+            cache_share = DISTILL_TOKENS_PER_SECOND / CACHE_TOKENS_PER_SECOND
+            planned = max(1, int(seconds * DISTILL_TOKENS_PER_SECOND / (1 + cache_share) / tokens_per_step))
+            if s.distill_max_tokens:
+                planned = min(planned, max(1, s.distill_max_tokens // tokens_per_step))
+            self.state["distill_steps"] = planned
+            self._save_state()
+        blocks = text_blocks(tokenizer, [train_text], s.distill_block)
+        reached = planned * s.distill_batch
+        if reached < len(blocks):
+            blocks = blocks.shuffle(seed=s.seed).select(range(reached))
+        cache = build_teacher_cache(
+            teacher, blocks, self.out_dir / "teacher-cache", s.teacher, k=s.topk,
+            autocast_dtype=torch.bfloat16 if bf16 else None, progress=self.progress,
+        )
+        if s.range_loss_weight > 0:  # domains from the transferred model, so distillation keeps them narrow
+            student.to_polynomial(calibration_data=self._calibration(tokenizer, train_text), progress=False).to_exact()
+        student = select_trainable(student.train(), s.distill_train)
+        checkpoints = self.out_dir / "distill-checkpoints"
+        arguments = TrainingArguments(
+            output_dir=str(checkpoints), max_steps=planned, per_device_train_batch_size=s.distill_batch,
+            learning_rate=s.distill_lr, adam_beta2=0.95, lr_scheduler_type="cosine",
+            warmup_steps=min(30, planned // 10), bf16=bf16, use_cpu=not torch.cuda.is_available(),
+            logging_steps=max(1, min(25, planned // 20)), save_steps=s.save_every, save_total_limit=1,
+            report_to="none", seed=s.seed, disable_tqdm=not self.progress,
+        )
+        trainer = DistillationTrainer(
+            model=student, args=arguments, train_dataset=cache, teacher=None,
+            range_loss_weight=s.range_loss_weight, callbacks=[_Deadline(deadline)],
+        )
+        resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        result = trainer.train(resume_from_checkpoint=resume)
+        curve = [entry for entry in trainer.state.log_history if "loss" in entry]
+        self._stage_notes["distilled"] = {
+            "steps": result.global_step, "planned_steps": planned,
+            "tokens": result.global_step * tokens_per_step, "loss_curve": curve,
+        }
+        return merge_trained(student).eval()
+
+    def _calibration(self, tokenizer, train_text: str) -> list[torch.Tensor]:
+        s = self.settings
+        return calibration_batches(tokenizer, [train_text], s.calibration_block, s.calibration_blocks)
+
+    def _polynomial(self, student, tokenizer, train_text: str, held_out: torch.Tensor):
+        s = self.settings
+        student.to_exact().to_polynomial(
+            calibration_data=self._calibration(tokenizer, train_text), tolerance=s.tolerance, progress=self.progress,
+        )
+        fidelity = polynomial_fidelity(student, held_out, batch_size=4, progress=self.progress)
+        report = student.polynomial_report()
+        self._stage_notes["polynomial"] = {
+            "fidelity": fidelity,
+            "depth": {"total": report["total_depth"], "blocks": [block["depth"] for block in report["blocks"]]},
+        }
+        return student
+
+    # ------------------------------------------------------------------ scores
+    def _evaluate(self, row: str, model, tokenizer, teacher, held_out: torch.Tensor) -> None:
+        s = self.settings
+        if row not in s.evaluate_stages or row in self.state["rows"]:
+            return
+        start = time.monotonic()
+        model.eval()
+        scores = {
+            task: evaluate_task(model, tokenizer, task, self._eval_limit(row), progress=self.progress)
+            for task in tqdm(s.tasks, desc=f"evaluating {row}", disable=not self.progress)
+        }
+        scores.update(held_out_kl_and_perplexity(model, teacher, held_out))
+        scores["seconds"] = time.monotonic() - start
+        self.state["rows"][row] = scores
+        self._save_state()
+
+
+def _requests_per_item(task: str) -> int:
+    return {"hellaswag": 4, "arc_easy": 4, "arc_challenge": 4, "lambada": 1}.get(task.removesuffix("_5shot"), 2) * (
+        6 if task.endswith("_5shot") else 1  # five worked examples make each request ~6x longer
+    )
+
+
+@torch.no_grad()
+def held_out_kl_and_perplexity(model, teacher, blocks: torch.Tensor, batch_size: int = 4) -> dict[str, float]:
+    """Mean KL(teacher ‖ model) per token and the model's perplexity on held-out token blocks."""
+    kl = nll = 0.0
+    for batch in blocks.split(batch_size):
+        output = model(batch, labels=batch)
+        kl += float(distillation_kl(output.logits, teacher(batch).logits)) * len(batch)
+        nll += float(output.loss) * len(batch)
+    finite = math.isfinite(nll)
+    return {"kl": kl / len(blocks), "perplexity": math.exp(nll / len(blocks)) if finite else float("nan")}
+
+
+def recover(teacher: str = "smollm2", out_dir: str | Path = "runs/recovered", budget: str | float = "2h30m",
+            progress: bool = True, **settings) -> dict[str, Any]:
+    """Convert `teacher` to PolyAttn and recover its quality within `budget` (see the module docstring).
+
+    `settings` are `RecoverySettings` fields (`attn_power`, `transfer_tokens`, `eval_limit`, …).
+    Returns the run's state: finished stages with their seconds and notes, and the score rows.
+    """
+    unknown = set(settings) - {f.name for f in fields(RecoverySettings)}
+    if unknown:
+        raise TypeError(f"unknown settings {sorted(unknown)}")
+    seconds = parse_budget(budget) if isinstance(budget, str) else float(budget)
+    return Recovery(RecoverySettings(teacher=teacher, **settings), out_dir, progress).run(seconds)
+
+
+def format_recovery_table(state: dict[str, Any]) -> str:
+    """The score rows of a run as a Markdown table (acc_norm for multiple choice, LAMBADA acc + bits/byte)."""
+    settings = state["settings"]
+    tasks = [task for task in settings["tasks"]]
+    header = ["model", *tasks]
+    if "lambada" in tasks:
+        header.insert(header.index("lambada") + 1, "lambada bits/byte")
+    header += ["MC mean", "held-out KL", "perplexity", "stage s", "eval s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row, scores in state["rows"].items():
+        cells = []
+        for task in tasks:
+            metric = "acc" if task == "lambada" else "acc_norm"
+            cells.append(f"{scores[task][metric]:.3f}")
+            if task == "lambada":
+                cells.append(f"{scores[task]['bits_per_byte']:.3f}")
+        mc = [scores[task]["acc_norm"] for task in MULTIPLE_CHOICE if task in scores]
+        stage_seconds = state["stages"].get(row, {}).get("seconds")
+        cells += [
+            f"{sum(mc) / len(mc):.3f}" if len(mc) == len(MULTIPLE_CHOICE) else "—",
+            f"{abs(scores['kl']):.3f}",  # the teacher against itself: -0.000 from rounding
+            f"{scores['perplexity']:.1f}",
+            f"{stage_seconds:.0f}" if stage_seconds else "—",
+            f"{scores['seconds']:.0f}",
+        ]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,94 @@
+"""The one-call recipe (convert → transfer → distill → polynomial form → scores) on a tiny Llama."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from hf_polyattn.cli import main as cli_main
+from hf_polyattn.training.data import train_byte_level_tokenizer
+from hf_polyattn.training.recovery import STAGES, Recovery, RecoverySettings, format_recovery_table, parse_budget
+
+SMALL = dict(transfer_tokens=2048, transfer_block=64, distill_block=64, calibration_blocks=16, calibration_block=64,
+             tasks=("piqa", "lambada"), eval_limit=6, quick_eval_limit=4, held_out_blocks=4, held_out_block=64,
+             distill_max_tokens=40 * 4 * 64, distill_lr=3e-3)
+
+
+@pytest.fixture(scope="module")
+def teacher_folder(tmp_path_factory, python_docs):
+    root = tmp_path_factory.mktemp("recovery")
+    text = "\n".join(python_docs[:60])
+    (root / "text.txt").write_text(text)
+    tokenizer = train_byte_level_tokenizer([text], vocab_size=400)
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, initializer_range=0.15, pad_token_id=tokenizer.pad_token_id, max_position_embeddings=512,
+    ))
+    llama.save_pretrained(root / "llama")
+    tokenizer.save_pretrained(root / "llama")
+    return root
+
+
+def settings(root, **overrides) -> RecoverySettings:
+    return RecoverySettings(**{"teacher": str(root / "llama"), "data": [str(root / "text.txt")], **SMALL, **overrides})
+
+
+def test_parse_budget():
+    assert parse_budget("2h30m") == 9000 and parse_budget("90m") == 5400 and parse_budget("45") == 45
+    for bad in ("", "2x", "0m", "-5"):
+        with pytest.raises(ValueError):
+            parse_budget(bad)
+
+
+def test_a_budget_too_small_for_one_stage_is_refused_before_any_work(teacher_folder, tmp_path):
+    with pytest.raises(ValueError, match="too small for the next stage .transferred"):
+        Recovery(settings(teacher_folder), tmp_path / "out", progress=False).run(5)
+    assert not (tmp_path / "out").exists()
+
+
+def test_recovery_runs_every_stage_then_resumes_without_redoing_them(teacher_folder, tmp_path):
+    out = tmp_path / "out"
+    # enough for attention transfer but not for the distillation's minimum: stops at a boundary
+    state = Recovery(settings(teacher_folder), out, progress=False).run(200)
+    assert list(state["stages"]) == ["transferred"]
+    assert "stopped at a stage boundary" in state["runs"][-1]["stopped"]
+    transferred = AutoModelForCausalLM.from_pretrained(out / "transferred").state_dict()
+
+    state = Recovery(settings(teacher_folder), out, progress=False).run(2000)
+    assert list(state["stages"]) == list(STAGES)
+    kept = AutoModelForCausalLM.from_pretrained(out / "transferred").state_dict()
+    assert kept.keys() == transferred.keys() and all(torch.equal(t, kept[n]) for n, t in transferred.items())
+    rows = state["rows"]
+    assert list(rows) == ["teacher", "converted", *STAGES]
+    assert rows["teacher"]["kl"] == pytest.approx(0, abs=1e-5)
+    assert rows["transferred"]["kl"] < rows["converted"]["kl"]
+    assert rows["distilled"]["kl"] < 0.7 * rows["converted"]["kl"]
+    assert rows["teacher"]["piqa"]["n"] == 6 and rows["converted"]["piqa"]["n"] == 4  # final vs intermediate rows
+    polynomial = AutoModelForCausalLM.from_pretrained(out / "polynomial")
+    assert polynomial.is_polynomial and polynomial.config.polynomial["calibrated"]
+    fidelity = state["stages"]["polynomial"]["fidelity"]
+    assert fidelity["top1_agreement"] > 0.9
+    table = format_recovery_table(json.loads((out / "state.json").read_text()))
+    assert table.count("\n") == 1 + len(rows) and "| polynomial |" in table
+
+    again = Recovery(settings(teacher_folder), out, progress=False).run(60)  # nothing left to do
+    assert again["stages"] == state["stages"]
+
+
+def test_resuming_with_another_power_or_teacher_names_the_mismatch(teacher_folder, tmp_path):
+    out = tmp_path / "out"
+    Recovery(settings(teacher_folder), out, progress=False).run(200)
+    with pytest.raises(ValueError, match="attn_power: the run in .* was made with 4, this one asks for 6"):
+        Recovery(settings(teacher_folder, attn_power=6), out, progress=False)
+    with pytest.raises(ValueError, match="teacher: "):
+        Recovery(settings(teacher_folder, teacher="smollm2"), out, progress=False)
+
+
+def test_cli_convert_recover_reports_a_small_budget(teacher_folder, tmp_path, capsys):
+    argv = ["convert", "--from", str(teacher_folder / "llama"), "--out", str(tmp_path / "out"), "--recover",
+            "--budget", "10s", "--data", str(teacher_folder / "text.txt")]
+    assert cli_main(argv) == 2
+    assert "too small for the next stage" in capsys.readouterr().err
+    assert cli_main([*argv[:-4], "--budget", "soon"]) == 2
