@@ -73,7 +73,7 @@ OFFLINE_CHECKPOINTS = {"smollm2": load_smollm2, "gemma3": load_gemma3}
 
 def load_checkpoint(name_or_path: str | Path, dtype: torch.dtype = torch.float32):
     """A causal LM and its tokenizer from an offline checkpoint name (`"smollm2"`, `"gemma3"`), a
-    `.gguf` file, or a model folder."""
+    `.gguf` file, a model folder, or a delta folder (`delta.write_delta`) over one of those."""
     if str(name_or_path) in OFFLINE_CHECKPOINTS:
         return OFFLINE_CHECKPOINTS[str(name_or_path)](dtype)
     path = Path(name_or_path)
@@ -83,4 +83,9 @@ def load_checkpoint(name_or_path: str | Path, dtype: torch.dtype = torch.float32
         raise FileNotFoundError(
             f"{path} is neither an offline checkpoint ({', '.join(OFFLINE_CHECKPOINTS)}), a .gguf file, nor a model folder"
         )
+    if (path / "delta.json").is_file():
+        from .delta import apply_delta  # it loads its base through this function
+
+        model, tokenizer = apply_delta(path)
+        return model.to(dtype), tokenizer
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), AutoTokenizer.from_pretrained(path)
