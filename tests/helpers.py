@@ -1,6 +1,9 @@
 """Shared test helpers: tiny configs, models whose attention matters, and the cache checks."""
 
+from pathlib import Path
+
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from hf_polyattn import PolyAttnConfig, PolyAttnForCausalLM
 
@@ -136,3 +139,22 @@ def _plain(value):
     if isinstance(value, (tuple, list)):
         return type(value)(_plain(v) for v in value)
     return value
+
+
+def save_tiny_llama(
+    folder: Path, text: str, vocab_size: int = 300, seed: int = 0, **config
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """A tiny random softmax Llama with a byte-level tokenizer trained on `text`, saved to `folder`:
+    the checkpoint folder a user would convert. `config` overrides the `LlamaConfig` fields."""
+    from hf_polyattn.training.data import train_byte_level_tokenizer
+
+    tokenizer = train_byte_level_tokenizer([text], vocab_size=vocab_size)
+    fields = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, initializer_range=0.15, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    llama = LlamaForCausalLM(LlamaConfig(**{**fields, **config})).eval()
+    llama.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return llama, tokenizer

@@ -15,7 +15,7 @@ scored (benchmarks, held-out KL to the teacher and perplexity) into `state.json`
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 

@@ -3,12 +3,12 @@
 import json
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from hf_polyattn import PolyAttnForCausalLM
 from hf_polyattn.cli import main as cli_main
-from hf_polyattn.training.data import train_byte_level_tokenizer
 from hf_polyattn.evaluation.benchmarks import evaluate_task
+from tests.helpers import save_tiny_llama
 from tests.evaluation.test_benchmarks import mc_rows, write_task
 
 TEXT = "The quick brown fox jumps over the lazy dog. A stitch in time saves nine. " * 50
@@ -16,14 +16,7 @@ TEXT = "The quick brown fox jumps over the lazy dog. A stitch in time saves nine
 
 def test_convert_distill_eval_from_the_command_line(tmp_path, capsys):
     (tmp_path / "text.txt").write_text(TEXT)
-    tokenizer = train_byte_level_tokenizer([TEXT], vocab_size=300)
-    torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1, pad_token_id=tokenizer.pad_token_id,
-    ))
-    llama.save_pretrained(tmp_path / "llama")
-    tokenizer.save_pretrained(tmp_path / "llama")
+    llama, tokenizer = save_tiny_llama(tmp_path / "llama", TEXT, initializer_range=0.1)
 
     assert cli_main(["convert", "--from", str(tmp_path / "llama"), "--out", str(tmp_path / "poly"), "--power", "6"]) == 0
     converted = AutoModelForCausalLM.from_pretrained(tmp_path / "poly")

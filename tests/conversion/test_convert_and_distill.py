@@ -9,10 +9,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Tr
 from hf_polyattn import LORA_TARGET_MODULES, PolyAttnForCausalLM
 from hf_polyattn.cli import main as cli_main
 from hf_polyattn.conversion.convert import convert_checkpoint
-from hf_polyattn.training.data import train_byte_level_tokenizer
 from hf_polyattn.training.distill import DistillationTrainer, distillation_kl, select_trainable, topk_distillation_kl
 from hf_polyattn.training.teacher_cache import build_teacher_cache
-from tests.helpers import VOCAB, random_ids
+from tests.helpers import VOCAB, random_ids, save_tiny_llama
 
 ATTENTION = dict(attn_power=4, attn_eps=1e-6, attn_form="sum")
 
@@ -214,14 +213,7 @@ def test_bf16_autocast_on_cpu(tmp_path):
 def test_cached_lora_and_attention_distillation_from_the_command_line(tmp_path):
     text = "The quick brown fox jumps over the lazy dog. A stitch in time saves nine. " * 50
     (tmp_path / "text.txt").write_text(text)
-    tokenizer = train_byte_level_tokenizer([text], vocab_size=300)
-    torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1, pad_token_id=tokenizer.pad_token_id,
-    ))
-    llama.save_pretrained(tmp_path / "llama")
-    tokenizer.save_pretrained(tmp_path / "llama")
+    save_tiny_llama(tmp_path / "llama", text, initializer_range=0.1)
     assert cli_main(["convert", "--from", str(tmp_path / "llama"), "--out", str(tmp_path / "poly")]) == 0
     converted = AutoModelForCausalLM.from_pretrained(tmp_path / "poly").state_dict()
     common = ["distill", "--teacher", str(tmp_path / "llama"), "--student", str(tmp_path / "poly"),

@@ -5,24 +5,15 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_polyattn.conversion.checkpoints import load_checkpoint
 from hf_polyattn.conversion.convert import convert_checkpoint
 from hf_polyattn.conversion.delta import DELTA_FILE, MANIFEST_FILE, apply_delta, write_delta
-from hf_polyattn.training.data import train_byte_level_tokenizer
-from tests.helpers import random_ids
+from tests.helpers import random_ids, save_tiny_llama
 
 
 def save_llama(folder, seed: int = 0) -> None:
-    tokenizer = train_byte_level_tokenizer(["the quick brown fox jumps over the lazy dog " * 40], vocab_size=300)
-    torch.manual_seed(seed)
-    llama = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, initializer_range=0.15, pad_token_id=0,
-    ))
-    llama.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tiny_llama(folder, "the quick brown fox jumps over the lazy dog " * 40, seed=seed)
 
 
 @pytest.fixture

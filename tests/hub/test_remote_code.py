@@ -9,12 +9,10 @@ import textwrap
 import pytest
 import torch
 
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_polyattn.cli import main as cli_main
 from hf_polyattn.modeling.configuration_polyattn import AUTO_MAP
-from hf_polyattn.training.data import train_byte_level_tokenizer
-from tests.helpers import left_padded_batch, random_ids, tiny_model
+from tests.helpers import left_padded_batch, random_ids, save_tiny_llama, tiny_model
 
 # modeling_polyattn.py and every same-folder module it imports, flattened next to the weights
 CODE_FILES = (
@@ -105,14 +103,7 @@ def test_saved_folder_loads_in_a_process_without_hf_polyattn(tmp_path, polynomia
 
 
 def test_cli_converted_folder_loads_in_a_process_without_hf_polyattn(tmp_path):
-    tokenizer = train_byte_level_tokenizer(["the quick brown fox jumps over the lazy dog " * 40], vocab_size=300)
-    torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, initializer_range=0.15, pad_token_id=0,
-    ))
-    llama.save_pretrained(tmp_path / "llama")
-    tokenizer.save_pretrained(tmp_path / "llama")
+    save_tiny_llama(tmp_path / "llama", "the quick brown fox jumps over the lazy dog " * 40)
     assert cli_main(["convert", "--from", str(tmp_path / "llama"), "--out", str(tmp_path / "poly")]) == 0
 
     from transformers import AutoModelForCausalLM

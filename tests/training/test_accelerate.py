@@ -8,12 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from hf_polyattn.cli import main as cli_main
-from hf_polyattn.training.data import train_byte_level_tokenizer
+from tests.helpers import save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXT = "The quick brown fox jumps over the lazy dog. A stitch in time saves nine. " * 200
@@ -59,14 +58,7 @@ def test_train_tiny_example_on_two_processes(tmp_path):
 
 def test_distill_cli_on_two_processes(tmp_path):
     (tmp_path / "text.txt").write_text(TEXT)
-    tokenizer = train_byte_level_tokenizer([TEXT], vocab_size=300)
-    torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, initializer_range=0.15, pad_token_id=tokenizer.pad_token_id,
-    ))
-    llama.save_pretrained(tmp_path / "llama")
-    tokenizer.save_pretrained(tmp_path / "llama")
+    save_tiny_llama(tmp_path / "llama", TEXT)
     assert cli_main(["convert", "--from", str(tmp_path / "llama"), "--out", str(tmp_path / "poly")]) == 0
 
     steps = 24

@@ -11,11 +11,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from hf_polyattn.cli import main as cli_main
 from hf_polyattn.conversion.convert import convert_checkpoint
 from hf_polyattn.training.attention_transfer import read_manifest, record_teacher, transfer_attention
-from hf_polyattn.training.data import train_byte_level_tokenizer
 from hf_polyattn.training.distill import distillation_kl
 from tests.conversion.test_convert_and_distill import tiny_llama
 from tests.conversion.test_families import build
-from tests.helpers import random_ids
+from tests.helpers import random_ids, save_tiny_llama
 
 ATTENTION = dict(attn_power=4, attn_eps=1e-6, attn_form="sum")
 FAST = dict(batch_size=4, progress=False)
@@ -173,14 +172,7 @@ TEXT = "The quick brown fox jumps over the lazy dog. A stitch in time saves nine
 
 def test_transfer_from_the_command_line_resumes(tmp_path, capsys):
     (tmp_path / "text.txt").write_text(TEXT)
-    tokenizer = train_byte_level_tokenizer([TEXT], vocab_size=300)
-    torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, initializer_range=0.15, pad_token_id=tokenizer.pad_token_id,
-    ))
-    llama.save_pretrained(tmp_path / "llama")
-    tokenizer.save_pretrained(tmp_path / "llama")
+    save_tiny_llama(tmp_path / "llama", TEXT)
     assert cli_main(["convert", "--from", str(tmp_path / "llama"), "--out", str(tmp_path / "poly")]) == 0
 
     argv = ["transfer", "--teacher", str(tmp_path / "llama"), "--student", str(tmp_path / "poly"),

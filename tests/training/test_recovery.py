@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from hf_polyattn.cli import main as cli_main
-from hf_polyattn.training.data import train_byte_level_tokenizer
 from hf_polyattn.training.recovery import STAGES, Recovery, RecoverySettings, format_recovery_table, parse_budget
+from tests.helpers import save_tiny_llama
 
 SMALL = dict(transfer_tokens=2048, transfer_block=64, distill_block=64, calibration_blocks=16, calibration_block=64,
              tasks=("piqa", "lambada"), eval_limit=6, quick_eval_limit=4, held_out_blocks=4, held_out_block=64,
@@ -20,14 +20,7 @@ def teacher_folder(tmp_path_factory, python_docs):
     root = tmp_path_factory.mktemp("recovery")
     text = "\n".join(python_docs[:60])
     (root / "text.txt").write_text(text)
-    tokenizer = train_byte_level_tokenizer([text], vocab_size=400)
-    torch.manual_seed(0)
-    llama = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, initializer_range=0.15, pad_token_id=tokenizer.pad_token_id, max_position_embeddings=512,
-    ))
-    llama.save_pretrained(root / "llama")
-    tokenizer.save_pretrained(root / "llama")
+    save_tiny_llama(root / "llama", text, vocab_size=400, max_position_embeddings=512)
     return root
 
 
