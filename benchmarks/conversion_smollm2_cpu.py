@@ -1,7 +1,8 @@
 """SmolLM2-135M → PolyAttn on the CPU: the one-call recovery recipe and what each stage buys.
 
     python benchmarks/conversion_smollm2_cpu.py                                   # the default recipe, 2h30m
-    python benchmarks/conversion_smollm2_cpu.py --budget 1h35m --eval-limit 200 --quick-eval-limit 100
+    python benchmarks/conversion_smollm2_cpu.py --budget 85m --transfer-tokens 16384 --eval-limit 100 \
+        --quick-eval-limit 50 --evaluate-stages teacher,transferred,distilled,polynomial   # a shorter pass
     python benchmarks/conversion_smollm2_cpu.py --report-only --out runs/smollm2-recovered   # tables of a run
 
 Runs `hf_polyattn.training.recovery` (convert → attention transfer → distillation with a cached
@@ -29,6 +30,8 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-limit", type=int, default=500)
     parser.add_argument("--quick-eval-limit", type=int, default=100)
     parser.add_argument("--transfer-tokens", type=int, default=65536)
+    parser.add_argument("--evaluate-stages", default="teacher,converted,transferred,distilled,polynomial",
+                        help="the rows to score (each costs minutes)")
     parser.add_argument("--report-only", action="store_true", help="only write the tables of the run in --out")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/conversion_smollm2_cpu.md"))
     args = parser.parse_args(argv)
@@ -37,7 +40,8 @@ def main(argv=None) -> None:
         state = json.loads((args.out / STATE).read_text())
     else:
         settings = RecoverySettings(teacher=args.teacher, eval_limit=args.eval_limit,
-                                    quick_eval_limit=args.quick_eval_limit, transfer_tokens=args.transfer_tokens)
+                                    quick_eval_limit=args.quick_eval_limit, transfer_tokens=args.transfer_tokens,
+                                    evaluate_stages=tuple(args.evaluate_stages.split(",")))
         state = Recovery(settings, args.out).run(parse_budget(args.budget))
     write_results(args.results, report(state, command_line(__file__, argv)))
     plot(state, args.results.with_suffix(".png"))
