@@ -40,13 +40,14 @@ STATE = "state.json"
 STAGES = ("transferred", "distilled", "polynomial")  # "converted" is recomputed from the teacher in seconds
 MULTIPLE_CHOICE = ("hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande")
 
-# Throughputs measured on 2 cores with avx512_bf16 (SmolLM2-135M); they plan the stages. A faster
-# machine only finishes early; a slower one is caught by the budget checks between stages.
+# Throughputs measured on 2 cores with avx512_bf16 (SmolLM2-135M, benchmarks/results/
+# conversion_smollm2_cpu.md); they plan the stages. A faster machine only finishes early; a slower
+# one is caught by the deadline and the budget checks between stages.
 TEACHER_TOKENS_PER_SECOND = 120.0  # teacher forward with every layer's attention recorded
-TRANSFER_SECONDS_PER_LAYER_PER_BLOCK = 0.55  # one 512-token block, forward+backward+error passes
-CACHE_TOKENS_PER_SECOND = 1500.0  # teacher top-k cache (bf16)
-DISTILL_TOKENS_PER_SECOND = 390.0  # cached top-k, bf16 autocast, all parameters
-EVAL_SECONDS_PER_REQUEST = 0.12  # one (context, continuation) pair, fp32, batch 16
+TRANSFER_SECONDS_PER_LAYER_PER_BLOCK = 0.3  # one 512-token block: forward+backward+error passes
+CACHE_TOKENS_PER_SECOND = 1200.0  # teacher top-k cache (bf16)
+DISTILL_TOKENS_PER_SECOND = 340.0  # cached top-k, bf16 autocast, all parameters, with the range loss
+EVAL_SECONDS_PER_REQUEST = 0.05  # one (context, continuation) pair, fp32, batch 16 (measured 0.023-0.08)
 POLYNOMIAL_SLOWDOWN = 3.0  # the polynomial form's iterations make its forward slower
 MIN_DISTILL_SECONDS = 300.0
 
@@ -229,7 +230,9 @@ class Recovery:
             if stage == "transferred":
                 student = self._transfer(teacher, student, tokenizer, train_text)
             elif stage == "distilled":
-                student = self._distill(teacher, student, tokenizer, train_text, deadline=deadline - later)
+                # it takes what is left after its own row's scores and the later stages
+                reserve = later + self._eval_seconds(stage)
+                student = self._distill(teacher, student, tokenizer, train_text, deadline=deadline - reserve)
             else:
                 student = self._polynomial(student, tokenizer, train_text, held_out)
             student.save_pretrained(folder)
