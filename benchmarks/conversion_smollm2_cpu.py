@@ -16,6 +16,7 @@ form's fidelity and depth.
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from hf_polyattn.training.recovery import MULTIPLE_CHOICE, STATE, Recovery, RecoverySettings, format_recovery_table, parse_budget
@@ -39,12 +40,24 @@ def main(argv=None) -> None:
     if args.report_only:
         state = json.loads((args.out / STATE).read_text())
     else:
+        _remember_command(args.out, command_line(__file__, argv))
         settings = RecoverySettings(teacher=args.teacher, eval_limit=args.eval_limit,
                                     quick_eval_limit=args.quick_eval_limit, transfer_tokens=args.transfer_tokens,
                                     evaluate_stages=tuple(args.evaluate_stages.split(",")))
         state = Recovery(settings, args.out).run(parse_budget(args.budget))
-    write_results(args.results, report(state, command_line(__file__, argv)))
+    commands = json.loads((args.out / COMMANDS).read_text()) if (args.out / COMMANDS).is_file() else []
+    write_results(args.results, report(state, "`; then `".join(commands) or command_line(__file__, argv)))
     plot(state, args.results.with_suffix(".png"))
+
+
+COMMANDS = "benchmark_commands.json"  # the commands that made (and resumed) a run, for --report-only
+
+
+def _remember_command(out: Path, command: str) -> None:
+    path = out / COMMANDS
+    commands = json.loads(path.read_text()) if path.is_file() else []
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([*commands, command], indent=1))
 
 
 def report(state: dict, command: str) -> str:
@@ -53,7 +66,7 @@ def report(state: dict, command: str) -> str:
         f"# {settings['teacher']} → PolyAttn p={settings['attn_power']} ({settings['attn_form']}, eps "
         f"{settings['attn_eps']:g}) on 2 CPU cores",
         "",
-        f"Command: `{command}`. Runs: " + "; ".join(
+        f"Commands: `{command}`. Runs: " + "; ".join(
             f"budget {run['budget_seconds'] / 60:.0f} min, {run.get('seconds', 0) / 60:.0f} min used"
             + (f" ({run['stopped']})" if run.get("stopped") else "") for run in state["runs"]
         ) + ".",
@@ -89,6 +102,8 @@ def report(state: dict, command: str) -> str:
     if "polynomial" in stages:
         notes = stages["polynomial"]
         fidelity = notes["fidelity"]
+        if not math.isfinite(fidelity["ppl_poly"]):
+            lines += ["", "**The polynomial form is broken: it gives non-finite logits on the held-out text.**"]
         lines += ["", "Polynomial form vs its exact form on the held-out blocks: "
                       f"top-1 agreement {100 * fidelity['top1_agreement']:.2f} %, perplexity "
                       f"{fidelity['ppl_exact']:.2f} → {fidelity['ppl_poly']:.2f}, max |Δlogit| {fidelity['max_dlogit']:.3g}; "

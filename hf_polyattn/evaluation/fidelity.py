@@ -25,7 +25,8 @@ def polynomial_fidelity(model, blocks: torch.Tensor, batch_size: int = 16, progr
         sums["exact_nll"] += float(exact.loss) * predicted
         sums["poly_nll"] += float(poly.loss) * predicted
         sums["agree"] += int((exact.logits.argmax(-1) == poly.logits.argmax(-1)).sum())
-        delta = (exact.logits - poly.logits).abs()
+        # a NaN logit is an infinite difference (Python's max would silently skip it)
+        delta = (exact.logits - poly.logits).abs().nan_to_num(nan=float("inf"))
         sums["max_dlogit"] = max(sums["max_dlogit"], float(delta.max()))
         sums["sum_dlogit"] += float(delta.mean()) * batch.numel()
     predicted = blocks.shape[0] * (blocks.shape[1] - 1)
