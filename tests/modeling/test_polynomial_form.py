@@ -1,6 +1,7 @@
 """The polynomial form: only +, × and constants; faithful to the exact model once calibrated."""
 
 import json
+import math
 import warnings
 
 import pytest
@@ -11,7 +12,7 @@ from hf_polyattn.training.calibrate import calibration_batches
 from hf_polyattn.training.pretrain import split_text
 from hf_polyattn.evaluation.fidelity import polynomial_fidelity
 from hf_polyattn.modeling.polynomial_form import PolynomialDomainWarning, approximated_ops
-from tests.helpers import Encrypted, left_padded_batch, random_ids, tiny_model
+from tests.helpers import Encrypted, left_padded_batch, polynomial_tiny, random_ids, tiny_model
 
 
 def calibrated_tiny(form: str = "sum", **overrides):
@@ -159,3 +160,11 @@ def test_trained_model_polynomial_fidelity(trained_tiny, python_docs):
     assert scores["top1_agreement"] >= 0.99
     assert abs(scores["ppl_poly"] / scores["ppl_exact"] - 1) < 0.01
     assert scores["max_dlogit"] < 0.05
+
+
+def test_fidelity_reports_non_finite_logits_as_an_infinite_difference():
+    model = polynomial_tiny()
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")  # a broken model: one logit column goes NaN
+    scores = polynomial_fidelity(model, random_ids(2, 12, seed=5), batch_size=2)
+    assert scores["max_dlogit"] == float("inf") and math.isnan(scores["ppl_poly"])
