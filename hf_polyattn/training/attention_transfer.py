@@ -19,7 +19,6 @@ student, whatever surrounds it.
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,12 +26,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers.utils.logging import tqdm
 
 from ..modeling.modeling_polyattn import PolyAttnModel
 from ..modeling.power_softmax import DEFAULT_ATTENTION_PARAMETERS
+from .storage import as_token_blocks, save_tensors_atomic, token_hash, write_json_atomic
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -111,34 +111,6 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return modules
 
 
-def _as_blocks(blocks: torch.Tensor | Sequence) -> torch.Tensor:
-    """Token blocks as one `[N, T]` int64 tensor (from a tensor, or a list of equal-length blocks)."""
-    if not isinstance(blocks, torch.Tensor):
-        blocks = [torch.as_tensor(block) for block in blocks]
-        if not blocks:
-            raise ValueError("no token blocks to record")
-        lengths = {len(block) for block in blocks}
-        if len(lengths) > 1:
-            raise ValueError(f"token blocks must all have the same length, got lengths {sorted(lengths)}")
-        blocks = torch.stack(blocks)
-    if blocks.dim() != 2 or blocks.numel() == 0:
-        raise ValueError(f"token blocks must be a non-empty [N, T] tensor, got shape {tuple(blocks.shape)}")
-    return blocks.long().contiguous()
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Write atomically: a run killed mid-write must not leave a half manifest or state behind."""
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(data, indent=2))
-    os.replace(partial, path)
-
-
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    partial = path.with_suffix(".partial")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial))
-    os.replace(partial, path)
-
-
 def _layer_file(record_dir: Path, layer: int, shard: int) -> Path:
     return record_dir / f"layer_{layer:03d}" / f"shard_{shard:05d}.safetensors"
 
@@ -178,7 +150,7 @@ def record_teacher(
     Returns:
         The manifest.
     """
-    tokens = _as_blocks(blocks)
+    tokens = as_token_blocks(blocks)
     record_dir = Path(record_dir)
     attention = _attention_modules(teacher)
     layers = len(attention) if max_layers is None else max_layers
@@ -196,7 +168,7 @@ def record_teacher(
         "blocks": count,
         "block_size": block_size,
         "tokens": count * block_size,
-        "tokens_hash": _sha256(tokens.numpy().tobytes()),
+        "tokens_hash": token_hash(tokens),
         "dtype": str(RECORD_DTYPE).removeprefix("torch."),
         "blocks_per_shard": per_shard,
         "shards": -(-count // per_shard),
@@ -222,8 +194,8 @@ def record_teacher(
         manifest["shards_done"] = previous["shards_done"]
     else:
         record_dir.mkdir(parents=True, exist_ok=True)
-        _save_tensors({"input_ids": tokens}, record_dir / TOKENS)
-        _write_json(path, manifest)
+        save_tensors_atomic({"input_ids": tokens}, record_dir / TOKENS)
+        write_json_atomic(path, manifest)
 
     captured: list[dict[str, list[torch.Tensor]]] = [{"inputs": [], "targets": []} for _ in range(layers)]
 
@@ -265,11 +237,11 @@ def record_teacher(
             for index in range(layers):
                 _layer_file(record_dir, index, shard).parent.mkdir(exist_ok=True)
                 pieces = {key: torch.cat(values).cpu() for key, values in captured[index].items()}
-                _save_tensors(pieces, _layer_file(record_dir, index, shard))
+                save_tensors_atomic(pieces, _layer_file(record_dir, index, shard))
                 captured[index] = {"inputs": [], "targets": []}
             manifest["shards_done"] = shard + 1
             manifest["complete"] = shard + 1 == manifest["shards"]
-            _write_json(path, manifest)  # after the shard's files: a listed shard is always whole
+            write_json_atomic(path, manifest)  # after the shard's files: a listed shard is always whole
     finally:
         for handle in handles:
             handle.remove()
@@ -525,9 +497,9 @@ def transfer_attention(
                 for name in params
                 for key, tensor in getattr(attention, name).state_dict().items()
             }
-            _save_tensors(trained, out_dir / f"layer_{index:03d}.safetensors")
+            save_tensors_atomic(trained, out_dir / f"layer_{index:03d}.safetensors")
             state["layers"].append(entry)
-            _write_json(out_dir / STATE, state)  # after the weights: a listed layer's file is always whole
+            write_json_atomic(out_dir / STATE, state)  # after the weights: a listed layer's file is always whole
             bar.set_postfix(layer=index, before=f"{entry['error_before']:.3f}", after=f"{entry['error_after']:.3f}")
             bar.update(1)
     finally:

@@ -34,6 +34,7 @@ from .corpora import read_texts
 from .data import text_blocks
 from .distill import DistillationTrainer, cpu_supports_bf16, distillation_kl, merge_trained, select_trainable
 from .pretrain import split_text
+from .storage import write_json_atomic
 from .teacher_cache import build_teacher_cache
 
 STATE = "state.json"
@@ -161,7 +162,7 @@ class Recovery:
 
     def _save_state(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / STATE).write_text(json.dumps(self.state, indent=2) + "\n")
+        write_json_atomic(self.out_dir / STATE, self.state)
 
     def _eval_limit(self, row: str) -> int:
         return self.settings.quick_eval_limit if row in ("converted", "transferred") else self.settings.eval_limit

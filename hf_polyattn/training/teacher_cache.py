@@ -17,17 +17,16 @@ build resumes where it stopped; a folder made for other data, another teacher, k
 is refused with `TeacherCacheMismatch`.
 """
 
-import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
+
+from .storage import as_token_blocks, save_tensors_atomic, token_hash, write_json_atomic
 
 TOPK_LOGPROBS = "teacher_topk_logprobs"
 TOPK_INDICES = "teacher_topk_indices"
@@ -45,22 +44,14 @@ class TeacherCacheMismatch(ValueError):
     """A teacher cache folder was made for other data, another teacher, k or temperature."""
 
 
-def token_hash(input_ids: torch.Tensor) -> str:
-    """SHA-256 of a `[blocks, block_size]` id tensor (shape and values), as hex."""
-    ids = input_ids.to(torch.int64).contiguous()
-    digest = hashlib.sha256(str(tuple(ids.shape)).encode())
-    digest.update(ids.numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _as_blocks(input_ids: Any) -> torch.Tensor:
-    """`[blocks, block_size]` int64 ids from a tensor, a list of lists, or a dataset with `input_ids`."""
-    if hasattr(input_ids, "column_names") or isinstance(input_ids, dict):
-        input_ids = input_ids["input_ids"]
-    ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor(input_ids)
-    if ids.dim() != 2 or ids.shape[0] == 0 or ids.shape[1] < 2:
+    try:
+        ids = as_token_blocks(input_ids)
+    except ValueError as error:
+        raise ValueError(f"input_ids must be a non-empty [blocks, block_size >= 2] array: {error}") from error
+    if ids.shape[1] < 2:  # a block of one token predicts nothing
         raise ValueError(f"input_ids must be a non-empty [blocks, block_size >= 2] array, got shape {tuple(ids.shape)}")
-    return ids.to(torch.int64).cpu()
+    return ids
 
 
 def _vocab_size(teacher: nn.Module) -> int:
@@ -76,9 +67,7 @@ def _read_manifest(folder: Path) -> dict[str, Any] | None:
 
 
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    tmp = folder / f"{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, folder / MANIFEST)
+    write_json_atomic(folder / MANIFEST, manifest)
 
 
 def _check_identity(folder: Path, found: dict[str, Any], wanted: dict[str, Any]) -> None:
@@ -220,9 +209,7 @@ def build_teacher_cache(
                 "topk_indices": torch.cat(parts["indices"]).contiguous(),
                 "rest_logprob": torch.cat(parts["rest"]).contiguous(),
             }
-            tmp = folder / f"{_shard_path(folder, shard).name}.tmp"
-            save_file(tensors, str(tmp))
-            os.replace(tmp, _shard_path(folder, shard))  # atomic: a shard file on disk is always whole
+            save_tensors_atomic(tensors, _shard_path(folder, shard))  # a shard file on disk is always whole
     teacher.train(was_training)
     _write_manifest(folder, {**manifest, "complete": True})
     return TeacherCacheDataset(folder)
