@@ -19,7 +19,7 @@ import json
 import math
 from pathlib import Path
 
-from hf_polyattn.training.recovery import MULTIPLE_CHOICE, STATE, Recovery, RecoverySettings, format_recovery_table, parse_budget
+from hf_polyattn.training.recovery import MULTIPLE_CHOICE, STATE, format_recovery_table, recover
 from report import command_line, write_results
 
 
@@ -41,10 +41,9 @@ def main(argv=None) -> None:
         state = json.loads((args.out / STATE).read_text())
     else:
         _remember_command(args.out, command_line(__file__, argv))
-        settings = RecoverySettings(teacher=args.teacher, eval_limit=args.eval_limit,
-                                    quick_eval_limit=args.quick_eval_limit, transfer_tokens=args.transfer_tokens,
-                                    evaluate_stages=tuple(args.evaluate_stages.split(",")))
-        state = Recovery(settings, args.out).run(parse_budget(args.budget))
+        state = recover(args.teacher, args.out, args.budget, eval_limit=args.eval_limit,
+                        quick_eval_limit=args.quick_eval_limit, transfer_tokens=args.transfer_tokens,
+                        evaluate_stages=tuple(args.evaluate_stages.split(",")))
     commands = json.loads((args.out / COMMANDS).read_text()) if (args.out / COMMANDS).is_file() else []
     write_results(args.results, report(state, "`; then `".join(commands) or command_line(__file__, argv)))
     plot(state, args.results.with_suffix(".png"))

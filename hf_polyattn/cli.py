@@ -152,16 +152,14 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _recover(args: argparse.Namespace) -> int:
-    from hf_polyattn.training.recovery import Recovery, RecoverySettings, format_recovery_table, parse_budget
+    from hf_polyattn.training.recovery import format_recovery_table, recover
 
     try:
-        budget = parse_budget(args.budget)
-        settings = RecoverySettings(
-            teacher=args.source, attn_power=args.power, attn_eps=args.eps, attn_form=args.form, data=args.data,
-            transfer_tokens=args.transfer_tokens, eval_limit=args.eval_limit, quick_eval_limit=args.quick_eval_limit,
-            **({"tasks": tuple(args.tasks.split(","))} if args.tasks else {}),
+        state = recover(
+            args.source, args.out, args.budget, attn_power=args.power, attn_eps=args.eps, attn_form=args.form,
+            data=args.data, transfer_tokens=args.transfer_tokens, eval_limit=args.eval_limit,
+            quick_eval_limit=args.quick_eval_limit, **({"tasks": tuple(args.tasks.split(","))} if args.tasks else {}),
         )
-        state = Recovery(settings, args.out).run(budget)
     except ValueError as error:  # a bad budget, a mismatched resume: said before any work
         print(f"hf-polyattn: {error}", file=sys.stderr)
         return 2
@@ -176,9 +174,9 @@ def _distill(args: argparse.Namespace) -> int:
     from hf_polyattn.conversion.checkpoints import load_checkpoint
     from hf_polyattn.training.corpora import read_texts
     from hf_polyattn.training.data import text_blocks
-    from hf_polyattn.training.distill import DistillationTrainer, cpu_supports_bf16, merge_trained, select_trainable
+    from hf_polyattn.training.distill import DistillationTrainer, merge_trained, native_bf16, select_trainable
     from hf_polyattn.training.pretrain import split_text
-    from hf_polyattn.training.teacher_cache import build_teacher_cache
+    from hf_polyattn.training.teacher_cache import build_teacher_cache, reachable_blocks
 
     cache_dir = args.teacher_cache or (Path(args.out) / "teacher-cache" if args.topk else None)
     if cache_dir and args.hidden_weight > 0:
@@ -186,8 +184,7 @@ def _distill(args: argparse.Namespace) -> int:
               "drop --teacher-cache/--topk or the hidden term", file=sys.stderr)
         return 2
     cuda = torch.cuda.is_available()
-    # bf16 autocast pays off on CPU only with native bf16 instructions (emulated bf16 is slower than fp32).
-    bf16 = args.bf16 if args.bf16 is not None else (torch.cuda.is_bf16_supported() if cuda else cpu_supports_bf16())
+    bf16 = args.bf16 if args.bf16 is not None else native_bf16()
     teacher, tokenizer = load_checkpoint(args.teacher)
     student = select_trainable(AutoModelForCausalLM.from_pretrained(args.student), args.train, args.lora_rank)
     train_text, _ = split_text(read_texts(args.data))
@@ -208,11 +205,7 @@ def _distill(args: argparse.Namespace) -> int:
         dataloader_pin_memory=cuda,
     )
     if cache_dir:
-        # The teacher runs once per block, so only give it the blocks this run can reach: a seeded
-        # subset of steps × batch × accumulation blocks (the same on a resume, so the cache matches).
-        reached = args.steps * args.batch_size * args.grad_accum * training.world_size
-        if reached < len(blocks):
-            blocks = blocks.shuffle(seed=0).select(range(reached))
+        blocks = reachable_blocks(blocks, args.steps * args.batch_size * args.grad_accum * training.world_size)
         teacher_id = str(Path(args.teacher).resolve()) if Path(args.teacher).exists() else args.teacher
         with training.main_process_first(desc="teacher cache"):  # one process builds it, the others reuse it
             blocks = build_teacher_cache(

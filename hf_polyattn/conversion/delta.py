@@ -38,10 +38,11 @@ def weights_hash(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _base_state(model: PolyAttnForCausalLM, base: str) -> dict[str, torch.Tensor]:
-    teacher, _ = load_checkpoint(base)
-    attention = {name: getattr(model.config, name) for name in ("attn_power", "attn_eps", "attn_form")}
-    return convert_checkpoint(teacher, **attention).state_dict()
+def _base_state(config: PolyAttnConfig, base: str):
+    """The weights of checkpoint `base` converted with `config`'s attention, and base's tokenizer."""
+    teacher, tokenizer = load_checkpoint(base)
+    attention = {name: getattr(config, name) for name in ("attn_power", "attn_eps", "attn_form")}
+    return convert_checkpoint(teacher, **attention).state_dict(), tokenizer
 
 
 def write_delta(
@@ -53,7 +54,7 @@ def write_delta(
     the delta would exceed `max_bytes` (train fewer parameters: attention only, or LoRA).
     Returns the manifest (base name and hash, tensors kept, bytes).
     """
-    base_state = _base_state(model, base)
+    base_state, _ = _base_state(model.config, base)
     delta = {}
     for name, tensor in model.state_dict().items():
         if name not in base_state or base_state[name].shape != tensor.shape:
@@ -83,9 +84,7 @@ def apply_delta(folder: str | Path) -> tuple[PolyAttnForCausalLM, object]:
     folder = Path(folder)
     manifest = json.loads((folder / MANIFEST_FILE).read_text())
     config = PolyAttnConfig.from_pretrained(folder)
-    teacher, tokenizer = load_checkpoint(manifest["base"])
-    attention = {name: getattr(config, name) for name in ("attn_power", "attn_eps", "attn_form")}
-    state = convert_checkpoint(teacher, **attention).state_dict()
+    state, tokenizer = _base_state(config, manifest["base"])
     found = weights_hash(state)
     if found != manifest["base_hash"]:
         raise ValueError(

@@ -151,6 +151,11 @@ def cpu_supports_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
+def native_bf16() -> bool:
+    """Whether bf16 autocast pays off here: a GPU that supports it, or a CPU with native bf16."""
+    return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_supports_bf16()
+
+
 def select_trainable(student: nn.Module, train: str = "all", lora_rank: int = 16) -> nn.Module:
     """Choose which of the student's parameters distillation trains; returns the model to train.
 

@@ -32,10 +32,10 @@ from .attention_transfer import record_teacher, transfer_attention
 from .calibrate import calibration_batches
 from .corpora import read_texts
 from .data import text_blocks
-from .distill import DistillationTrainer, cpu_supports_bf16, distillation_kl, merge_trained, select_trainable
+from .distill import DistillationTrainer, distillation_kl, merge_trained, native_bf16, select_trainable
 from .pretrain import split_text
 from .storage import write_json_atomic
-from .teacher_cache import build_teacher_cache
+from .teacher_cache import build_teacher_cache, reachable_blocks
 
 STATE = "state.json"
 STAGES = ("transferred", "distilled", "polynomial")  # "converted" is recomputed from the teacher in seconds
@@ -141,7 +141,6 @@ class Recovery:
         self.out_dir = Path(out_dir)
         self.progress = progress
         self.state = self._load_state()
-        self._stage_notes: dict[str, dict[str, Any]] = {}  # what a stage reports besides its model
 
     # ------------------------------------------------------------------ state and planning
     def _load_state(self) -> dict[str, Any]:
@@ -216,11 +215,11 @@ class Recovery:
         student = convert_checkpoint(teacher, attn_power=s.attn_power, attn_eps=s.attn_eps, attn_form=s.attn_form)
         self._evaluate("converted", student, tokenizer, teacher, held_out)
 
-        for stage in STAGES:
+        done = [stage for stage in STAGES if stage in self.state["stages"]]
+        if done and len(done) < len(STAGES):  # the next stage starts from the last finished one
+            student = AutoModelForCausalLM.from_pretrained(self.out_dir / done[-1]).eval()
+        for stage in STAGES[len(done) :]:
             folder = self.out_dir / stage
-            if stage in self.state["stages"]:
-                student = AutoModelForCausalLM.from_pretrained(folder).eval()
-                continue
             left = deadline - time.monotonic()
             needed = self.estimate(stage, student.config.num_hidden_layers)
             later = sum(self.estimate(other, student.config.num_hidden_layers) for other in STAGES[STAGES.index(stage) + 1 :])
@@ -229,17 +228,17 @@ class Recovery:
                 break
             stage_start = time.monotonic()
             if stage == "transferred":
-                student = self._transfer(teacher, student, tokenizer, train_text)
+                student, notes = self._transfer(teacher, student, tokenizer, train_text)
             elif stage == "distilled":
                 # it takes what is left after its own row's scores and the later stages
                 reserve = later + self._eval_seconds(stage)
-                student = self._distill(teacher, student, tokenizer, train_text, deadline=deadline - reserve)
+                student, notes = self._distill(teacher, student, tokenizer, train_text, deadline=deadline - reserve)
             else:
-                student = self._polynomial(student, tokenizer, train_text, held_out)
+                student, notes = self._polynomial(student, tokenizer, train_text, held_out)
             student.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
             seconds = time.monotonic() - stage_start
-            self.state["stages"][stage] = {"seconds": seconds, "folder": str(folder), **self._stage_notes.get(stage, {})}
+            self.state["stages"][stage] = {"seconds": seconds, "folder": str(folder), **notes}
             run_log["stages"].append(stage)
             self._save_state()
             self._evaluate(stage, student, tokenizer, teacher, held_out)
@@ -268,12 +267,11 @@ class Recovery:
             student, record, self.out_dir / "transfer", lr=s.transfer_lr, batch_size=s.transfer_batch,
             inputs=s.transfer_inputs, seed=s.seed, progress=self.progress,
         )
-        self._stage_notes["transferred"] = {"layers": report}
-        return student.eval()
+        return student.eval(), {"layers": report}
 
     def _distill(self, teacher, student, tokenizer, train_text: str, deadline: float):
         s = self.settings
-        bf16 = cpu_supports_bf16() if not torch.cuda.is_available() else torch.cuda.is_bf16_supported()
+        bf16 = native_bf16()
         seconds = max(0.0, deadline - time.monotonic())
         tokens_per_step = s.distill_batch * s.distill_block
         # Plan the steps the time allows (the cache is built for exactly those blocks, so a resume
@@ -286,10 +284,7 @@ class Recovery:
                 planned = min(planned, max(1, s.distill_max_tokens // tokens_per_step))
             self.state["distill_steps"] = planned
             self._save_state()
-        blocks = text_blocks(tokenizer, [train_text], s.distill_block)
-        reached = planned * s.distill_batch
-        if reached < len(blocks):
-            blocks = blocks.shuffle(seed=s.seed).select(range(reached))
+        blocks = reachable_blocks(text_blocks(tokenizer, [train_text], s.distill_block), planned * s.distill_batch, s.seed)
         cache = build_teacher_cache(
             teacher, blocks, self.out_dir / "teacher-cache", s.teacher, k=s.topk,
             autocast_dtype=torch.bfloat16 if bf16 else None, progress=self.progress,
@@ -312,11 +307,11 @@ class Recovery:
         resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
         result = trainer.train(resume_from_checkpoint=resume)
         curve = [entry for entry in trainer.state.log_history if "loss" in entry]
-        self._stage_notes["distilled"] = {
+        notes = {
             "steps": result.global_step, "planned_steps": planned,
             "tokens": result.global_step * tokens_per_step, "loss_curve": curve,
         }
-        return merge_trained(student).eval()
+        return merge_trained(student).eval(), notes
 
     def _calibration(self, tokenizer, train_text: str) -> list[torch.Tensor]:
         s = self.settings
@@ -329,11 +324,8 @@ class Recovery:
         )
         fidelity = polynomial_fidelity(student, held_out, batch_size=4, progress=self.progress)
         report = student.polynomial_report()
-        self._stage_notes["polynomial"] = {
-            "fidelity": fidelity,
-            "depth": {"total": report["total_depth"], "blocks": [block["depth"] for block in report["blocks"]]},
-        }
-        return student
+        depth = {"total": report["total_depth"], "blocks": [block["depth"] for block in report["blocks"]]}
+        return student, {"fidelity": fidelity, "depth": depth}
 
     # ------------------------------------------------------------------ scores
     def _evaluate(self, row: str, model, tokenizer, teacher, held_out: torch.Tensor) -> None:
@@ -387,7 +379,7 @@ def recover(teacher: str = "smollm2", out_dir: str | Path = "runs/recovered", bu
 def format_recovery_table(state: dict[str, Any]) -> str:
     """The score rows of a run as a Markdown table (acc_norm for multiple choice, LAMBADA acc + bits/byte)."""
     settings = state["settings"]
-    tasks = [task for task in settings["tasks"]]
+    tasks = list(settings["tasks"])
     header = ["model", *tasks]
     if "lambada" in tasks:
         header.insert(header.index("lambada") + 1, "lambada bits/byte")

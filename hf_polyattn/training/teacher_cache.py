@@ -84,6 +84,13 @@ def _shard_path(folder: Path, shard: int) -> Path:
     return folder / f"shard-{shard:05d}.safetensors"
 
 
+def reachable_blocks(blocks, count: int, seed: int = 0):
+    """The `count` blocks a run of that many blocks reaches: the teacher runs once per cached block,
+    so only those are cached. A seeded subset of a `datasets.Dataset` (the same on a resume, so the
+    cache matches), or all of them when there are not more."""
+    return blocks.shuffle(seed=seed).select(range(count)) if count < len(blocks) else blocks
+
+
 @torch.no_grad()
 def teacher_topk(
     teacher: nn.Module,
