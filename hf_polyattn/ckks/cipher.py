@@ -73,11 +73,12 @@ class Cipher:
     and a later matmul is silently wrong; fold them into a matmul or encrypt them.
     """
 
-    __slots__ = ("vector", "engine")
+    __slots__ = ("vector", "engine", "_refreshed")
 
     def __init__(self, vector: ts.CKKSVector, engine: CipherEngine):
         self.vector = vector
         self.engine = engine
+        self._refreshed: Cipher | None = None
 
     @property
     def size(self) -> int:
@@ -88,7 +89,13 @@ class Cipher:
         return self.engine.level(self.vector)
 
     def _fresh_enough(self) -> "Cipher":
-        return self.engine.refresh(self) if self.level == 0 else self
+        """Itself while it has a level left; else its refreshed copy, made once and reused (a value
+        used by many products, a cached key, a query, is refreshed once, not once per product)."""
+        if self.level > 0:
+            return self
+        if self._refreshed is None:
+            self._refreshed = self.engine.refresh(self)
+        return self._refreshed
 
     def _check(self, other) -> None:
         if isinstance(other, Cipher):

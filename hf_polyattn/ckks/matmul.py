@@ -63,7 +63,8 @@ class PlaintextMatrix:
             for k in range(self.rows):
                 g, b = divmod(k, n1)
                 diagonal = self.matrix[(j + k) % self.rows, j % self.cols]
-                encoded[(g, b)] = backend.encode(np.roll(diagonal, g * n1), parms_id)
+                if diagonal.any():  # a zero diagonal adds nothing (and SEAL refuses its product)
+                    encoded[(g, b)] = backend.encode(np.roll(diagonal, g * n1), parms_id)
             self._encoded[key] = encoded
         return self._encoded[key]
 
@@ -130,8 +131,14 @@ class SealBackend:
         for g in reversed(range(n2)):
             inner = self.multiply_sum((baby[b], plains[(g, b)]) for b in range(n1) if (g, b) in plains)
             if total is not None:
-                self.evaluator.add_inplace(inner, self.rotate(total, n1))
+                rotated = self.rotate(total, n1)
+                if inner is None:  # every diagonal of this giant step is zero
+                    inner = rotated
+                else:
+                    self.evaluator.add_inplace(inner, rotated)
             total = inner
+        if total is None:
+            raise ValueError("a plaintext product by an all-zero matrix: drop it from the circuit")
         self.evaluator.rescale_to_next_inplace(total)
         return total
 

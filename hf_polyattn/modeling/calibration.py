@@ -1,14 +1,14 @@
 """Recording the input ranges of every approximated step over calibration data."""
 
 from collections.abc import Iterable
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 from transformers.utils.logging import tqdm
 
-from .polynomial_form import approximated_ops, normaliser_floor, score_scaled_attentions
+from .polynomial_form import approximated_ops, score_scaled_attentions
 
 SAMPLES_PER_SITE = 200_000  # values kept per site for the percentiles
 
@@ -47,23 +47,18 @@ class RangeRecorder:
 @contextmanager
 def unscaled_exact(base_model: nn.Module):
     """Exact steps and attention scores at scale 1, so the normaliser is seen in its own units."""
-    ops = approximated_ops(base_model)
     attentions = score_scaled_attentions(base_model)
-    saved = ({n: op.approximation for n, op in ops.items()}, {n: a.score_scale for n, a in attentions.items()})
-    for op in ops.values():
-        op.approximation = None
-    for attention in attentions.values():
-        attention.score_scale = 1.0
-        attention.reciprocal.harmless_at = normaliser_floor(attention.config, 1.0)
-    try:
-        yield
-    finally:
-        for name, op in ops.items():
-            op.approximation = saved[0][name]
-        for name, attention in attentions.items():
-            attention.score_scale = saved[1][name]
-            if attention.score_scale is not None:
-                attention.reciprocal.harmless_at = normaliser_floor(attention.config, attention.score_scale)
+    saved_scales = {name: attention.score_scale for name, attention in attentions.items()}
+    with ExitStack() as stack:
+        for op in approximated_ops(base_model).values():
+            stack.enter_context(op.exact_for_now())
+        for attention in attentions.values():
+            attention.set_score_scale(1.0)
+        try:
+            yield
+        finally:
+            for name, attention in attentions.items():
+                attention.set_score_scale(saved_scales[name])
 
 
 def _as_model_inputs(batch: Any, device: torch.device) -> dict[str, torch.Tensor]:

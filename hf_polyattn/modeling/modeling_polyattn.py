@@ -29,10 +29,13 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_polyattn import AUTO_MAP, PolyAttnConfig
 from .calibration import record_ranges
 from .polynomial_form import (
+    DEFAULT_MARGIN,
+    DEFAULT_TOLERANCE,
     ApproximatedOp,
     build_polynomial_spec,
     format_polynomial_report,
     install_polynomial,
+    normaliser_floor,
     polynomial_enabled,
     polynomial_report,
     remove_polynomial,
@@ -129,6 +132,15 @@ class PolyAttnAttention(LlamaAttention):
             self.scaling = config.query_pre_attn_scalar**-0.5
         self.q_norm = PolyAttnRMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = PolyAttnRMSNorm(self.head_dim, eps=config.rms_norm_eps) if config.qk_norm else None
+
+    def set_score_scale(self, scale: float | None) -> None:
+        """Divide the scores by the public constant `scale` (`None`: the config's stable scaling).
+
+        The normaliser's floor moves with it (`eps / scale^p`): inputs at the floor (fully masked
+        rows) are harmless and neither calibrated on nor warned about.
+        """
+        self.score_scale = scale
+        self.reciprocal.harmless_at = None if scale is None else normaliser_floor(self.config, scale)
 
     def forward(
         self,
@@ -254,8 +266,8 @@ class PolyAttnPreTrainedModel(PreTrainedModel):
         self,
         calibration_data=None,
         *,
-        tolerance: float = 1e-3,
-        margin: float = 2.0,
+        tolerance: float = DEFAULT_TOLERANCE,
+        margin: float = DEFAULT_MARGIN,
         reciprocal: dict | None = None,
         inv_sqrt: dict | None = None,
         activation: dict | None = None,
@@ -270,12 +282,17 @@ class PolyAttnPreTrainedModel(PreTrainedModel):
                 `None` keeps the domains already in `config.polynomial` or, on a first call, the
                 documented defaults (`DEFAULT_DOMAINS`, score scale 8): it always runs, but only
                 calibration makes it accurate.
-            tolerance: the max relative error that picks the iterations of the reciprocal and
-                inverse square root.
-            margin: positive domains are `[min / margin, max · margin]` of what was observed.
+            tolerance: the max relative error of the reciprocal and inverse square root, and the
+                max absolute error of the activation, over their domains: it picks their degrees
+                and iterations.
+            margin: the norms' domains are `[min / margin, max · margin²]` of what was observed
+                (held-out variances go past the calibrated top more than below its bottom), the
+                attention normaliser's from its floor `eps / C^p` to `max · margin`; activations
+                get a quarter of the observed width on each side.
             reciprocal / inv_sqrt / activation: options of each approximation, e.g.
-                `reciprocal={"method": "newton", "init_degree": 1}`, `activation={"degree": 12}`,
-                `inv_sqrt={"iterations": 6}`.
+                `reciprocal={"method": "newton", "init_degree": 7}`, `activation={"degree": 31}`,
+                `inv_sqrt={"init_degree": 3, "iterations": 2}` (defaults: `DEFAULT_OPTIONS`; an
+                initial guess's degree "auto" picks the shallowest circuit meeting `tolerance`).
             check_domain: count inputs outside a domain and warn once per step.
             progress: show a progress bar while calibrating.
 
@@ -305,9 +322,10 @@ class PolyAttnPreTrainedModel(PreTrainedModel):
             self.config.polynomial = {**self.config.polynomial, "enabled": False}
         return self
 
-    def polynomial_report(self, as_text: bool = False):
-        """Per-step domains, depths, multiplication counts and errors, and the model's depth."""
-        report = polynomial_report(self.base_model, self.config)
+    def polynomial_report(self, as_text: bool = False, normaliser_resolution: float | None = None):
+        """Per-step domains, depths, multiplication counts and errors, and the model's depth
+        (measured on the server's circuit; `normaliser_resolution`: see `polynomial_report`)."""
+        report = polynomial_report(self.base_model, self.config, normaliser_resolution)
         return format_polynomial_report(report) if as_text else report
 
 

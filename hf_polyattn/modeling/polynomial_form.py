@@ -14,21 +14,22 @@ Everything is described by plain data in `config.polynomial`:
                "layers.0.self_attn": {"score_scale": 12.5}, ...}}
 """
 
-import math
 import warnings
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from .polynomial import Approximation, build_approximation
+from .polynomial import DEFAULT_TOLERANCE, Approximation, build_approximation
 
+# "auto": the initial guess's degree (minimax, depth-efficient 2^m - 1) that, with the fewest
+# iterations meeting the tolerance, makes the shallowest circuit on the calibrated domain.
 DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
-    "reciprocal": {"method": "goldschmidt", "init_degree": 0},
-    "inv_sqrt": {"init_degree": 0},
-    "activation": {"degree": 16},
+    "reciprocal": {"method": "goldschmidt", "init_degree": "auto"},
+    "inv_sqrt": {"init_degree": "auto"},
+    "activation": {"degree": "auto", "fit": "minimax"},  # the lowest 2^m - 1 meeting the tolerance (absolute)
 }
-DEFAULT_TOLERANCE = 1e-3  # max relative error of the iterative approximations (picks iterations)
 DEFAULT_MARGIN = 2.0  # positive domains: [min / margin, max · margin]
 ACTIVATION_MARGIN = 0.25  # activation domains grow by this fraction of their width on each side
 
@@ -64,6 +65,31 @@ class ApproximatedOp(nn.Module):
         self.check_domain = True
         self.outside_count = 0
         self._warned = False
+
+    def install(self, approximation: Approximation, name: str | None = None, check_domain: bool = True) -> None:
+        """Run `approximation` from now on (and count inputs outside its domain when `check_domain`)."""
+        self.approximation = approximation
+        self.site_name = name or self.site_name
+        self.check_domain = check_domain
+        self.outside_count, self._warned = 0, False
+
+    def remove(self) -> None:
+        """Back to the exact step; the approximation is kept for a later `reusable()`."""
+        self.last_approximation, self.approximation = self.approximation or self.last_approximation, None
+
+    def reusable(self, spec: dict[str, Any]) -> Approximation | None:
+        """The current or last approximation when it is the one `spec` describes (no refit)."""
+        last = self.approximation or self.last_approximation
+        return last if last is not None and last.spec() == spec else None
+
+    @contextmanager
+    def exact_for_now(self):
+        """The exact step inside the block (calibration), the approximation back after it."""
+        saved, self.approximation = self.approximation, None
+        try:
+            yield self
+        finally:
+            self.approximation = saved
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.approximation is None:
@@ -158,16 +184,28 @@ def build_polynomial_spec(
             scale = sites[attention]["score_scale"]
             floor = normaliser_floor(config, scale)
             if observed:  # recorded unscaled: the form divides scores by C, the normaliser by C^p
-                domain = _positive_domain(observed["min"] / scale**power, observed["max"] / scale**power, margin, floor)
+                low, high = observed["min"] / scale**power, observed["max"] / scale**power
+                # No normaliser is below the floor (eps / C^p): the floor bounds the domain for any
+                # text. The top keeps one margin: under CKKS the balanced normaliser's noise grows
+                # with sqrt(top / floor) (a wider top cost a random d=48 model 2x its logit error),
+                # so a long-tailed model needs more calibration text rather than a wider top (SmolLM2:
+                # 32 blocks of 128 left held-out rows 6x above it, 64 blocks of 256 none).
+                domain = _positive_domain(low, high, margin, floor)
+                if floor > 0:
+                    domain[0] = floor
             else:
                 # |score| <= C makes the mean of x^p at most 1 and the sum at most the length.
                 top = 1.0 if config.attn_form == "mean" else float(config.max_position_embeddings)
                 domain = [max(floor, 1e-4), top]
         elif op.kind == "inv_sqrt":
-            domain = _positive_domain(observed["min"], observed["max"], margin) if observed else DEFAULT_DOMAINS["inv_sqrt"]
+            # the top twice: held-out variances reach 2.2x the calibrated maximum (a tiny model's
+            # attention-sink tokens), and a polynomial guess diverges just outside its domain
+            domain = _positive_domain(observed["min"], observed["max"] * margin, margin) if observed else DEFAULT_DOMAINS["inv_sqrt"]
         else:
             domain = _activation_domain(observed["min"], observed["max"]) if observed else DEFAULT_DOMAINS["activation"]
-        extra = {"function": config.hidden_act} if op.kind == "activation" else {"tolerance": tolerance}
+        extra = {"function": config.hidden_act} if op.kind == "activation" else {}
+        if op.kind != "activation" or merged["activation"].get("degree") == "auto":
+            extra["tolerance"] = tolerance
         approximation = build_approximation({"kind": op.kind, "domain": list(domain), **merged[op.kind], **extra})
         sites[name] = approximation.spec()
 
@@ -189,67 +227,37 @@ def install_polynomial(base_model: nn.Module, spec: dict[str, Any], check_domain
     if missing:
         raise ValueError(f"config.polynomial has no entry for {sorted(missing)}; rebuild it with to_polynomial()")
     for name, attention in attentions.items():
-        attention.score_scale = float(sites[name]["score_scale"])
-        attention.reciprocal.harmless_at = normaliser_floor(attention.config, attention.score_scale)
+        attention.set_score_scale(float(sites[name]["score_scale"]))
     for name, op in ops.items():
         # Rebuilding means refitting and re-sweeping: reuse the last approximation when it is the same.
-        last = op.approximation or op.last_approximation
-        op.approximation = last if last is not None and last.spec() == sites[name] else build_approximation(sites[name])
-        op.site_name = name
-        op.check_domain = check_domain
-        op.outside_count, op._warned = 0, False
+        op.install(op.reusable(sites[name]) or build_approximation(sites[name]), name, check_domain)
 
 
 def remove_polynomial(base_model: nn.Module) -> None:
     """Back to the exact model (the description stays in the config, disabled)."""
     for attention in score_scaled_attentions(base_model).values():
-        attention.score_scale = None
+        attention.set_score_scale(None)
     for op in approximated_ops(base_model).values():
-        op.last_approximation, op.approximation = op.approximation or op.last_approximation, None
+        op.remove()
 
 
-def polynomial_report(base_model: nn.Module, config) -> dict[str, Any]:
+def polynomial_report(base_model: nn.Module, config, normaliser_resolution: float | None = None) -> dict[str, Any]:
     """Per-site approximations and the multiplicative depth of each block and of the model.
 
-    The depth of a block is the level its output sits at when its input is fresh, along the
-    circuit the CKKS server evaluates (norm weights, RoPE and score scaling folded into the next
-    projection; every product and plaintext-matrix product takes a level):
-
-    - norm: x² (1), mean by a matmul (1), inverse sqrt (D_is), broadcast matmul (1), x·s (1) = D_is + 4
-    - attention: q/k/v projection (1), q⊙k (1), head sums (1), power (ceil log2 p),
-      [×1/L (1), mean form], reciprocal (D_r), [×1/L (1), mean form], weights (1),
-      head expansion (1), ⊙v (1), o_proj (1)
-    - MLP: gate/up projection (1), activation (D_act), ×up (1, gated only), down projection (1)
-    - after the last block: final norm (D_is + 4) and the LM head (1).
-
-    LayerNorm adds its centering matmul (1) to each norm; query/key norms and sandwich norms add a
-    norm's depth to their branch; with the parallel residual the block's depth is the deeper of
-    its two branches, which both start from the block input.
+    The depths are measured, not stated: the one-token step of `circuit.DecoderCircuit` (the
+    code the CKKS server runs) on symbolic ciphertexts, from a fresh input, with each
+    approximation's input map folded into the product before it (see `circuit.py`).
+    `normaliser_resolution`: a ring's smallest resolvable normaliser (`CKKSServer` uses its
+    precision over `PRECISION_LIMIT`); a layer whose folded normaliser falls below it pays one
+    level more. `None`: every fold taken.
     """
+    from .circuit import CircuitPlan, circuit_depths
+
     ops = approximated_ops(base_model)
     if not ops or any(op.approximation is None for op in ops.values()):
         raise ValueError("the model is not in polynomial form; call to_polynomial() first")
     sites = {name: op.approximation.describe() for name, op in ops.items()}
-    power_depth = math.ceil(math.log2(config.attn_power))
-    mean_extra = 2 if config.attn_form == "mean" else 0
-    norm_extra = 5 if config.norm_type == "layer" else 4
-    blocks = []
-    for index in range(config.num_hidden_layers):
-        prefix = f"layers.{index}."
-        d_norm1 = ops[prefix + "input_layernorm.inv_sqrt"].approximation.depth + norm_extra
-        d_norm2 = ops[prefix + "post_attention_layernorm.inv_sqrt"].approximation.depth + norm_extra
-        d_recip = ops[prefix + "self_attn.reciprocal"].approximation.depth
-        d_act = ops[prefix + "mlp.act_fn"].approximation.depth
-        attention = d_norm1 + 3 + power_depth + mean_extra + d_recip + 4
-        mlp = d_norm2 + 1 + d_act + (2 if config.mlp_type == "gated" else 1)
-        if config.qk_norm:  # q and k normalised in parallel, between their projection and q⊙k
-            attention += max(ops[prefix + f"self_attn.{n}_norm.inv_sqrt"].approximation.depth for n in "qk") + 4
-        if config.sandwich_norms:
-            attention += ops[prefix + "attn_output_norm.inv_sqrt"].approximation.depth + norm_extra
-            mlp += ops[prefix + "mlp_output_norm.inv_sqrt"].approximation.depth + norm_extra
-        depth = max(attention, mlp) if config.parallel_residual else attention + mlp
-        blocks.append({"block": index, "attention_depth": attention, "mlp_depth": mlp, "depth": depth})
-    head = ops["norm.inv_sqrt"].approximation.depth + norm_extra + 1
+    depths = circuit_depths(CircuitPlan.from_model(base_model, normaliser_resolution))
     evaluations_per_token = {
         # per layer: 2 norms (+2 sandwich norms, + a norm per query head and per KV head), + the final norm
         "inv_sqrt": config.num_hidden_layers
@@ -260,9 +268,7 @@ def polynomial_report(base_model: nn.Module, config) -> dict[str, Any]:
     }
     return {
         "sites": sites,
-        "blocks": blocks,
-        "head_depth": head,
-        "total_depth": sum(block["depth"] for block in blocks) + head,
+        **depths,
         "evaluations_per_token": evaluations_per_token,
         "calibrated": bool((config.polynomial or {}).get("calibrated")),
     }

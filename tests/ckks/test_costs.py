@@ -7,7 +7,7 @@ from hf_polyattn.ckks.costs import OpCosts, choose_parameters, predict_seconds
 from tests.helpers import polynomial_tiny
 
 
-SHAPES = {(32, 32), (32, 1), (1, 32), (32, 64), (64, 32), (32, 4), (4, 32), (32, 97)}  # the 1-layer tiny model's
+SHAPES = {(32, 32), (32, 64), (64, 32), (32, 97)}  # the 1-layer tiny model's (norm and head sums are 32×32 now)
 
 
 def costs(ring: int, levels: int, refresh: float, op: float, **params) -> OpCosts:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from hf_polyattn.ckks import CKKSClient, CKKSParameters, CKKSServer, ClientRoundTrip
+from hf_polyattn.ckks.params import PRECISION_LIMIT
 from hf_polyattn.ckks.planner import circuit_depth
 from hf_polyattn.ckks.session import SecureSession
 from tests.helpers import polynomial_tiny, random_ids, tiny_model
@@ -85,7 +86,12 @@ def test_bad_inputs_fail_before_any_long_computation(client):
 def test_reported_depth_is_the_depth_of_the_server_circuit(client, form, power):
     model = polynomial_tiny(num_hidden_layers=2, attn_form=form, attn_power=power, attn_eps=1.0)
     server = CKKSServer(model, client.public_context(), ClientRoundTrip(client))
-    assert circuit_depth(server) == model.polynomial_report()["total_depth"]
+    resolution = server.precision() / PRECISION_LIMIT
+    assert circuit_depth(server) == model.polynomial_report(normaliser_resolution=resolution)["total_depth"]
+    # p=8 puts the folded normaliser below what the ring resolves: those layers balance it, a level each
+    balanced = sum(block.attention.map_scale != 1.0 for block in server.circuit_plan.blocks)
+    assert circuit_depth(server) == model.polynomial_report()["total_depth"] + balanced
+    assert (balanced > 0) == (power == 8)
 
 
 def test_shapes_outside_bsgs_fall_back_to_tenseal_matmul(client):

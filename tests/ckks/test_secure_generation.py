@@ -45,10 +45,10 @@ def test_encrypted_kv_cache_makes_each_token_one_incremental_step(client):
         matmuls.append(session.profiler.op_counts["pt×ct matmul"] - before)
     layers = model.config.num_hidden_layers
     projections = 7 * layers + 1  # q, k, v, o, gate, up, down per layer, and the LM head
-    norms = 2 * (2 * layers + 1)  # each norm: a mean, then a broadcast of its inverse sqrt
+    norms = 2 * layers + 1  # each norm: one sum of squares that leaves the mean in every slot
     # token t projects only itself (tokens < t come from the encrypted cache) and touches each
-    # cached key and value once (a head sum of q⊙k, a head broadcast of its weight): no recomputation
-    assert matmuls == [projections + norms + 2 * layers * (t + 1) for t in range(ids.shape[1])]
+    # cached key once (one head sum of q⊙k, spread over the head's slots): no recomputation
+    assert matmuls == [projections + norms + layers * (t + 1) for t in range(ids.shape[1])]
     with torch.no_grad():
         uncached = model(ids).logits[0].double()  # the plaintext model run without any cache
     incremental = torch.cat(rows)

@@ -1,0 +1,413 @@
+"""The circuit of one token's step through a PolyAttn model, written once for every backend.
+
+`DecoderCircuit` runs a token's hidden state through every block and the head with `+`, `-`,
+`*` and `matmul` alone, keeping the keys and values of earlier tokens (the KV cache). What it
+runs on is the caller's: the CKKS server gives it `Cipher`s and encoded `PlaintextMatrix`es;
+the depth report, the planner and the tests give it `SymbolicCipher`s and matrix shapes. So the
+levels the report states, the refreshes the planner predicts and the levels the server consumes
+all come from this one piece of code.
+
+`CircuitPlan.from_model` snapshots what the circuit needs from a model in polynomial form: every
+approximation (immutable objects, so a later `to_exact()` or recalibration of the model leaves a
+built circuit unchanged) and the constants that fold each approximation's input map into the
+plaintext product before it, at no level cost:
+
+- a norm's inverse square root reads `t = a·(mean(x²) + eps) + b`: `a/n` goes into the
+  all-ones matrix that sums the squares (its output is the mean in every slot, so no broadcast
+  product follows), `a·eps + b` is an addition;
+- the attention normaliser's reciprocal reads `t = a·u + b` with `u` the calibrated normaliser:
+  `a^(1/p)` (and `1/L` in the mean form) goes into the matrix that sums each head's `q ⊙ k` and
+  spreads it over the head's slots, so the powers carry the same factor and `powers × (1/(a·u))`
+  are the exact attention weights. Where the ring cannot resolve the smallest `a·u` (its
+  precision, `normaliser_resolution`), the factor is `1/sqrt(low·high)` instead, which keeps the
+  powers and the reciprocal both below `sqrt(high/low)`, and the map costs its product (a level);
+  a constant initial guess reads `u` itself and is always balanced that way;
+- the activation reads `t = a·gate + b`: `a` goes into the gate projection.
+
+The powers multiply the values while the reciprocal is computed, so the reciprocal is applied
+once per query (not once per key), and the head sums come out spread over each head's slots (no
+broadcast product). Public factors are folded as before: the norm weights into the next projection, RoPE of the
+(public) position, `1/sqrt(head_dim)` and the score scale `1/C` into `W_q`, grouped KV heads into
+`W_k`, `W_v`.
+"""
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+from .polynomial import Approximation
+from .polynomial_form import approximated_ops, normaliser_floor, polynomial_enabled, score_scaled_attentions
+from .symbolic import CircuitTally, SymbolicCipher
+
+
+@dataclass(frozen=True)
+class NormSite:
+    """A norm's inverse square root: `1/sqrt(mean(x²) + eps)` over groups of `size` values."""
+
+    name: str
+    approximation: Approximation
+    eps: float
+    size: int  # the values normalised together (hidden size, or head_dim for query/key norms)
+    width: int  # the vector it normalises (hidden size, or heads · head_dim)
+    centered: bool  # LayerNorm: subtract the mean first
+
+    @property
+    def mean_factor(self) -> float:
+        """What the summing matrix multiplies `Σ x²` by: the map's scale over the group size."""
+        return self.approximation.mapping[0] / self.size
+
+    @property
+    def offset(self) -> float:
+        scale, shift = self.approximation.mapping
+        return scale * self.eps + shift
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """The attention normaliser's reciprocal `1/(gain·u)`, read from `t = map_scale·(gain·u) + shift`
+    (`map_scale` 1: the map costs no product)."""
+
+    name: str
+    reciprocal: Approximation
+    gain: float
+    floor: float  # the normaliser's floor in the calibrated units (eps / C^p)
+    score_scale: float
+
+    @property
+    def map_scale(self) -> float:
+        return self.reciprocal.mapping[0]
+
+    @property
+    def offset(self) -> float:
+        """What is added to the scaled powers' sum: the floor, and the map's shift when it is free."""
+        return self.gain * self.floor + (self.reciprocal.mapping[1] if self.map_scale == 1.0 else 0.0)
+
+    def reciprocal_of(self, normaliser):
+        """`1/(gain·u)` from `normaliser = gain·u` (plus the shift when the map is folded)."""
+        if self.map_scale == 1.0:
+            return self.reciprocal.circuit_mapped(normaliser)
+        return self.reciprocal.circuit_mapped(normaliser * self.map_scale + self.reciprocal.mapping[1])
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    index: int
+    input_norm: NormSite
+    post_attention_norm: NormSite
+    attention: AttentionSite
+    activation: Approximation
+    query_norm: NormSite | None = None
+    key_norm: NormSite | None = None
+    attention_output_norm: NormSite | None = None
+    mlp_output_norm: NormSite | None = None
+
+
+def _attention_site(name: str, op, attention, config, resolution: float | None) -> AttentionSite:
+    approximation = op.approximation
+    scale, shift = approximation.mapping
+    low, high = approximation.domain
+    balance = (low * high) ** -0.5  # keeps the powers and 1/(gain·u) both below sqrt(high/low)
+    # Folding the map's scale into the powers saves its product, but puts the smallest normaliser
+    # at scale·low (~2/ratio): where the ring cannot resolve that, balance and pay the product.
+    fold = (scale, shift) != (1.0, 0.0) and (resolution is None or scale * low >= resolution)
+    gain = scale if fold else balance
+    reciprocal = approximation.rescaled(gain)  # folded: its map's scale is scale/scale, exactly 1
+    floor = normaliser_floor(config, attention.score_scale)
+    return AttentionSite(name, reciprocal, gain, floor, attention.score_scale)
+
+
+@dataclass(frozen=True)
+class CircuitPlan:
+    """Everything the circuit needs from a model, snapshotted when it is built."""
+
+    hidden_size: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    power: int
+    mean_form: bool
+    gated: bool
+    parallel_residual: bool
+    blocks: tuple[BlockPlan, ...]
+    final_norm: NormSite
+
+    @property
+    def width(self) -> int:
+        return self.heads * self.head_dim
+
+    @classmethod
+    def from_model(cls, model, normaliser_resolution: float | None = None) -> "CircuitPlan":
+        """The plan of a PolyAttn model (or its base model) in polynomial form.
+
+        `normaliser_resolution`: the smallest attention normaliser the ring resolves (the CKKS
+        server passes its precision over `PRECISION_LIMIT`); below it the reciprocal's input is
+        balanced instead of folded, at one level.
+        """
+        config = model.config
+        base = getattr(model, "base_model", model)
+        ops = approximated_ops(base)
+        if not polynomial_enabled(config) or not ops or any(op.approximation is None for op in ops.values()):
+            raise ValueError("the model is not in polynomial form; call to_polynomial() first")
+        attentions = score_scaled_attentions(base)
+        hidden, width = config.hidden_size, config.num_attention_heads * base.layers[0].self_attn.head_dim
+        head_dim = base.layers[0].self_attn.head_dim
+
+        def norm(name: str, size: int, full: int) -> NormSite:
+            module = base.get_submodule(name)
+            return NormSite(
+                name, ops[f"{name}.inv_sqrt"].approximation, float(module.variance_epsilon), size, full,
+                centered=config.norm_type == "layer",
+            )
+
+        blocks = []
+        for index in range(config.num_hidden_layers):
+            prefix = f"layers.{index}."
+            attention = attentions[prefix + "self_attn"]
+            optional = {}
+            if config.qk_norm:
+                optional["query_norm"] = norm(prefix + "self_attn.q_norm", head_dim, width)
+                optional["key_norm"] = norm(prefix + "self_attn.k_norm", head_dim, width)
+            if config.sandwich_norms:
+                optional["attention_output_norm"] = norm(prefix + "attn_output_norm", hidden, hidden)
+                optional["mlp_output_norm"] = norm(prefix + "mlp_output_norm", hidden, hidden)
+            blocks.append(
+                BlockPlan(
+                    index,
+                    norm(prefix + "input_layernorm", hidden, hidden),
+                    norm(prefix + "post_attention_layernorm", hidden, hidden),
+                    _attention_site(
+                        prefix + "self_attn", ops[prefix + "self_attn.reciprocal"], attention, config, normaliser_resolution
+                    ),
+                    ops[prefix + "mlp.act_fn"].approximation,
+                    **optional,
+                )
+            )
+        return cls(
+            hidden_size=hidden,
+            heads=config.num_attention_heads,
+            kv_heads=config.num_key_value_heads,
+            head_dim=head_dim,
+            intermediate_size=config.intermediate_size,
+            vocab_size=config.vocab_size,
+            power=config.attn_power,
+            mean_form=config.attn_form == "mean",
+            gated=config.mlp_type == "gated",
+            parallel_residual=bool(config.parallel_residual),
+            blocks=tuple(blocks),
+            final_norm=norm("norm", hidden, hidden),
+        )
+
+
+@dataclass(frozen=True)
+class MatrixShape:
+    """A plaintext matrix known by its shape only (what a symbolic run needs)."""
+
+    rows: int
+    cols: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.rows, self.cols
+
+
+class ShapeMatrices:
+    """The circuit's plaintext matrices as shapes: what `DecoderCircuit` multiplies by, symbolically."""
+
+    def __init__(self, plan: CircuitPlan):
+        self.plan = plan
+
+    def matrix(self, name: str, block: int | None = None, position: int | None = None, site: NormSite | None = None):
+        p = self.plan
+        d, w, inner = p.hidden_size, p.width, p.intermediate_size
+        shapes = {
+            "query": (d, w), "key": (d, w), "value": (d, w), "query_rope": (w, w), "key_rope": (w, w),
+            "score_sum": (w, w), "out": (w, d), "gate": (d, inner), "up": (d, inner), "down": (inner, d),
+            "head": (d, p.vocab_size),
+        }
+        if name in ("norm_sum", "norm_center"):
+            return MatrixShape(site.width, site.width)
+        return MatrixShape(*shapes[name])
+
+
+class _NoProfiler:
+    def step(self, name: str):
+        return contextlib.nullcontext()
+
+    scope = step
+
+
+def _power(x, power: int):
+    """`x^power` by repeated squaring: depth ceil(log2 p)."""
+    result, base, exponent = None, x, power
+    while exponent:
+        if exponent & 1:
+            result = base if result is None else result * base
+        exponent >>= 1
+        if exponent:
+            base = base * base
+    return result
+
+
+def _total(terms):
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
+
+
+class DecoderCircuit:
+    """One token's step through the model, with the keys and values of the tokens before it.
+
+    Args:
+        plan: `CircuitPlan.from_model(model)`.
+        matrices: has `matrix(name, block=, position=, site=)` returning what `x.matmul` takes
+            (`ShapeMatrices` for a symbolic run; the server's encoded matrices).
+        profiler: `step(name)` / `scope(name)` context managers (the server's `LatencyProfiler`).
+        lm_head: end with the LM head (logits) or with the final norm before its weight.
+    """
+
+    def __init__(self, plan: CircuitPlan, matrices, profiler=None, lm_head: bool = True):
+        self.plan = plan
+        self.matrices = matrices
+        self.profiler = profiler or _NoProfiler()
+        self.lm_head = lm_head
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new sequence: drop the cached keys and values."""
+        self.keys: list[list[Any]] = [[] for _ in self.plan.blocks]
+        self.values: list[list[Any]] = [[] for _ in self.plan.blocks]
+
+    @property
+    def position(self) -> int:
+        """Tokens of the current sequence already through every block."""
+        return len(self.keys[-1])
+
+    def _matrix(self, name: str, block: int | None = None, position: int | None = None, site=None):
+        return self.matrices.matrix(name, block=block, position=position, site=site)
+
+    def norm(self, x, site: NormSite, scaled=None):
+        """`x / sqrt(mean(x²) + eps)` (groups of `site.size`); `scaled`: `x` times the norm's weight,
+        when the weight cannot be folded into a following product (sandwich norms)."""
+        with self.profiler.step("norm"):
+            if site.centered:
+                x = x.matmul(self._matrix("norm_center", site=site))
+            t = (x * x).matmul(self._matrix("norm_sum", site=site)) + site.offset
+            inverse = site.approximation.circuit_mapped(t)
+            return (x if scaled is None else scaled) * inverse
+
+    def attention(self, block: BlockPlan, y):
+        # This token's position: the keys this block cached before it (an earlier block of the
+        # same step has already appended the token to its own cache).
+        p, index = self.plan, block.index
+        position = len(self.keys[index])
+        with self.profiler.step("pt×ct matmul"):
+            query = y.matmul(self._matrix("query", index, position))
+            key = y.matmul(self._matrix("key", index, position))
+            value = y.matmul(self._matrix("value", index))
+        if block.query_norm is not None:  # normalised per head before RoPE (Gemma 3, Qwen 3)
+            query = self.norm(query, block.query_norm).matmul(self._matrix("query_rope", index, position))
+            key = self.norm(key, block.key_norm).matmul(self._matrix("key_rope", index, position))
+        self.keys[index].append(key)
+        self.values[index].append(value)
+        score_sum = self._matrix("score_sum", index, position)
+        with self.profiler.step("ct×ct matmul"):
+            scores = [(query * cached).matmul(score_sum) for cached in self.keys[index]]
+        with self.profiler.step("power-softmax"):
+            powers = [_power(score, p.power) for score in scores]
+            normaliser = _total(powers) + block.attention.offset
+        with self.profiler.step("ct×ct matmul"):
+            weighted = _total([term * cached for term, cached in zip(powers, self.values[index])])
+        with self.profiler.step("reciprocal"):
+            inverse = block.attention.reciprocal_of(normaliser)
+        with self.profiler.step("ct×ct matmul"):
+            out = weighted * inverse
+        with self.profiler.step("pt×ct matmul"):
+            return out.matmul(self._matrix("out", index))
+
+    def mlp(self, block: BlockPlan, y):
+        index, activation = block.index, block.activation
+        with self.profiler.step("pt×ct matmul"):
+            pre = y.matmul(self._matrix("gate" if self.plan.gated else "up", index)) + activation.mapping[1]
+            up = y.matmul(self._matrix("up", index)) if self.plan.gated else None
+        with self.profiler.step("activation"):
+            activated = activation.circuit_mapped(pre)
+        with self.profiler.step("pt×ct matmul"):
+            return (activated if up is None else activated * up).matmul(self._matrix("down", index))
+
+    def _branch_output(self, out, site: NormSite | None):
+        return out if site is None else self.norm(out, site)
+
+    def block(self, block: BlockPlan, hidden):
+        """One decoder block on the token's residual stream."""
+        with self.profiler.scope(f"layer {block.index}"):
+            attended = self._branch_output(self.attention(block, self.norm(hidden, block.input_norm)), block.attention_output_norm)
+            if self.plan.parallel_residual:
+                mlp_input = hidden
+                hidden = hidden + attended
+            else:
+                hidden = hidden + attended
+                mlp_input = hidden
+            return hidden + self._branch_output(self.mlp(block, self.norm(mlp_input, block.post_attention_norm)), block.mlp_output_norm)
+
+    def head(self, hidden):
+        with self.profiler.scope("head"):
+            out = self.norm(hidden, self.plan.final_norm)
+            if self.lm_head:
+                with self.profiler.step("pt×ct matmul"):
+                    out = out.matmul(self._matrix("head"))
+            return out
+
+    def step(self, hidden):
+        """One token: its hidden state (after the embedding) in, logits (or the final norm) out."""
+        for block in self.plan.blocks:
+            hidden = self.block(block, hidden)
+        return self.head(hidden)
+
+
+def symbolic_run(plan: CircuitPlan, num_tokens: int, top_level: int | None = None, refresh_allowed: bool = True,
+                 matrices=None, lm_head: bool = True) -> CircuitTally:
+    """`num_tokens` steps of the circuit on symbolic ciphertexts: levels, products, refreshes."""
+    tally = CircuitTally(top_level, refresh_allowed)
+    circuit = DecoderCircuit(plan, matrices or ShapeMatrices(plan), lm_head=lm_head)
+    for _ in range(num_tokens):
+        circuit.step(tally.fresh(plan.hidden_size))
+    return tally
+
+
+def circuit_depths(plan: CircuitPlan, lm_head: bool = True) -> dict[str, Any]:
+    """Per block and in all, the levels the first token's step uses, from a fresh input.
+
+    `attention_depth` is the depth of the residual stream after the attention branch (of the
+    attention branch itself with the parallel residual), `mlp_depth` that of the MLP branch with
+    its norm, `depth` the whole block's; `total_depth` is the step's critical path.
+    """
+    blocks = []
+    for block in plan.blocks:
+        circuit = DecoderCircuit(plan, ShapeMatrices(plan))
+        start = CircuitTally().fresh(plan.hidden_size)
+        attention = circuit.attention(block, circuit.norm(start, block.input_norm))
+        attention = circuit._branch_output(attention, block.attention_output_norm)
+        mlp = circuit._branch_output(circuit.mlp(block, circuit.norm(start, block.post_attention_norm)), block.mlp_output_norm)
+        circuit.reset()
+        whole = circuit.block(block, start)
+        blocks.append({"block": block.index, "attention_depth": attention.depth, "mlp_depth": mlp.depth, "depth": whole.depth})
+    head = DecoderCircuit(plan, ShapeMatrices(plan), lm_head=lm_head).head(CircuitTally().fresh(plan.hidden_size)).depth
+    total = DecoderCircuit(plan, ShapeMatrices(plan), lm_head=lm_head).step(CircuitTally().fresh(plan.hidden_size)).depth
+    return {"blocks": blocks, "head_depth": head, "total_depth": total}
+
+
+__all__ = [
+    "AttentionSite",
+    "BlockPlan",
+    "CircuitPlan",
+    "DecoderCircuit",
+    "MatrixShape",
+    "NormSite",
+    "ShapeMatrices",
+    "SymbolicCipher",
+    "circuit_depths",
+    "symbolic_run",
+]
