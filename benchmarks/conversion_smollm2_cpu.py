@@ -34,6 +34,7 @@ def main(argv=None) -> None:
     parser.add_argument("--evaluate-stages", default="teacher,converted,transferred,distilled,polynomial",
                         help="the rows to score (each costs minutes)")
     parser.add_argument("--report-only", action="store_true", help="only write the tables of the run in --out")
+    parser.add_argument("--redo", help="a finished stage to do again with those after it (e.g. polynomial)")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/conversion_smollm2_cpu.md"))
     args = parser.parse_args(argv)
 
@@ -43,7 +44,7 @@ def main(argv=None) -> None:
         _remember_command(args.out, command_line(__file__, argv))
         state = recover(args.teacher, args.out, args.budget, eval_limit=args.eval_limit,
                         quick_eval_limit=args.quick_eval_limit, transfer_tokens=args.transfer_tokens,
-                        evaluate_stages=tuple(args.evaluate_stages.split(",")))
+                        evaluate_stages=tuple(args.evaluate_stages.split(",")), redo=args.redo)
     commands = json.loads((args.out / COMMANDS).read_text()) if (args.out / COMMANDS).is_file() else []
     write_results(args.results, report(state, "`; then `".join(commands) or command_line(__file__, argv)))
     plot(state, args.results.with_suffix(".png"))

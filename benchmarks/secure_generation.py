@@ -73,7 +73,7 @@ def main(argv=None) -> None:
         + "\n".join(rows)
         + "\n\n## Where the encrypted time goes\n\n"
         + report
-        + "\n\n![time per step and breakdown](secure_generation.png)\n"
+        + f"\n\n![time per step and breakdown]({args.results.with_suffix('.png').name})\n"
     )
     write_results(args.results, text)
     _plot(steps, prompt_len, latency, args.results.with_suffix(".png"))

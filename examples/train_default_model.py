@@ -2,6 +2,7 @@
 
     python examples/train_default_model.py                 # rewrites hf_polyattn/default_model/
     python examples/train_default_model.py --out /tmp/m     # somewhere else
+    python examples/train_default_model.py --recalibrate    # same weights, today's approximations
 
 A 2-layer, d=64 PolyAttn model (p=4) trained on the Shakespeare corpus with `Trainer` on the
 CPU (a few minutes), calibrated on held-out text and saved in its polynomial form with its
@@ -11,13 +12,14 @@ small CKKS ring holds with few Goldschmidt iterations.
 """
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 
 from hf_polyattn.training.calibrate import calibrate
 from hf_polyattn.training.corpora import read_texts
 from hf_polyattn.training.pretrain import pretrain, split_text
-from hf_polyattn.assets import DEFAULT_MODEL_DIR
+from hf_polyattn.assets import DEFAULT_MODEL_DIR, load_default_model
 
 
 def main(argv=None) -> Path:
@@ -29,22 +31,43 @@ def main(argv=None) -> Path:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--eps", type=float, default=1e-2, help="attn_eps of the power-softmax normaliser")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--recalibrate", action="store_true",
+        help="keep the shipped weights; only choose the approximations again (after the defaults change)",
+    )
     args = parser.parse_args(argv)
 
     texts = read_texts(args.text)
-    with tempfile.TemporaryDirectory() as scratch:
-        result = _train(texts, scratch, args)
-    print(
-        f"{result.model.num_parameters() / 1e6:.2f}M parameters: held-out perplexity "
-        f"{result.perplexity_before:.1f} -> {result.perplexity_after:.1f} after {args.steps} steps"
-    )
+    if args.recalibrate:
+        model, tokenizer = load_default_model()
+        model.to_exact()
+    else:
+        with tempfile.TemporaryDirectory() as scratch:
+            result = _train(texts, scratch, args)
+        print(
+            f"{result.model.num_parameters() / 1e6:.2f}M parameters: held-out perplexity "
+            f"{result.perplexity_before:.1f} -> {result.perplexity_after:.1f} after {args.steps} steps"
+        )
+        model, tokenizer = result.model, result.tokenizer
     _, held_out = split_text(texts)
-    calibrate(result.model, result.tokenizer, [held_out], block_size=128, num_blocks=64)
-    print(result.model.polynomial_report(as_text=True))
-    result.model.save_pretrained(args.out)
-    result.tokenizer.save_pretrained(args.out)
+    calibrate(model, tokenizer, [held_out], block_size=128, num_blocks=64)
+    print(model.polynomial_report(as_text=True))
+    _save_without_code(model, args.out)
+    if not args.recalibrate:  # a re-saved tokenizer only gains loader noise
+        tokenizer.save_pretrained(args.out)
     print(f"saved to {args.out}")
     return args.out
+
+
+def _save_without_code(model, folder: Path) -> None:
+    """Save the weights and config only: the package that ships this folder is its code (a copy
+    of `modeling/` inside the package would be a second one to keep in step)."""
+    model.save_pretrained(folder)
+    for copied in Path(folder).glob("*.py"):
+        copied.unlink()
+    config = json.loads((Path(folder) / "config.json").read_text())
+    config.pop("auto_map", None)
+    (Path(folder) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _train(texts, scratch, args):

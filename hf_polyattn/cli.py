@@ -71,7 +71,8 @@ def _polynomialize(args: argparse.Namespace) -> int:
     train_text, held_out_text = split_text(read_texts(args.text))
     batches = calibration_batches(tokenizer, [train_text], args.block, args.blocks)
     options = {"activation": {"degree": args.activation_degree}} if args.activation_degree else {}
-    model.to_exact().to_polynomial(calibration_data=batches, tolerance=args.tolerance, margin=args.margin, **options)
+    options.update({name: getattr(args, name) for name in ("tolerance", "margin") if getattr(args, name) is not None})
+    model.to_exact().to_polynomial(calibration_data=batches, **options)
     print(model.polynomial_report(as_text=True))
     held_out = torch.tensor(text_blocks(tokenizer, [held_out_text], args.block)["input_ids"][: args.blocks])
     scores = polynomial_fidelity(model, held_out, progress=True)
@@ -158,7 +159,8 @@ def _recover(args: argparse.Namespace) -> int:
         state = recover(
             args.source, args.out, args.budget, attn_power=args.power, attn_eps=args.eps, attn_form=args.form,
             data=args.data, transfer_tokens=args.transfer_tokens, eval_limit=args.eval_limit,
-            quick_eval_limit=args.quick_eval_limit, **({"tasks": tuple(args.tasks.split(","))} if args.tasks else {}),
+            quick_eval_limit=args.quick_eval_limit, redo=args.redo,
+            **({"tasks": tuple(args.tasks.split(","))} if args.tasks else {}),
         )
     except ValueError as error:  # a bad budget, a mismatched resume: said before any work
         print(f"hf-polyattn: {error}", file=sys.stderr)
@@ -326,9 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     poly.add_argument("--text", nargs="*", help="text files (default: Shakespeare); the last 5 %% is held out")
     poly.add_argument("--block", type=int, default=128, help="tokens per calibration / evaluation block")
     poly.add_argument("--blocks", type=int, default=64, help="blocks for calibration, and for evaluation")
-    poly.add_argument("--tolerance", type=float, default=1e-3, help="max relative error of 1/x and 1/sqrt(x)")
-    poly.add_argument("--margin", type=float, default=2.0, help="domain margin around the observed range")
-    poly.add_argument("--activation-degree", type=int, help="degree of the activation polynomial (default 16)")
+    poly.add_argument("--tolerance", type=float, help="max relative error of 1/x and 1/sqrt(x) (default: to_polynomial's)")
+    poly.add_argument("--margin", type=float, help="domain margin around the observed range (default: to_polynomial's)")
+    poly.add_argument("--activation-degree", type=int, help="degree of the activation polynomial (default: to_polynomial's)")
     poly.set_defaults(run=_polynomialize)
 
     convert = commands.add_parser("convert", help="a softmax checkpoint (Llama/SmolLM2, Mistral, Qwen2, GPT-NeoX, GPT-2) -> PolyAttn (same weights)")
@@ -346,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--tasks", help="with --recover: benchmark tasks (default: the five MC tasks, lambada, arc_easy_5shot)")
     convert.add_argument("--eval-limit", type=int, default=500, help="with --recover: items per task, final rows")
     convert.add_argument("--quick-eval-limit", type=int, default=100, help="with --recover: items per task, intermediate rows")
+    convert.add_argument("--redo", help="with --recover: do a finished stage (transferred, distilled, polynomial) "
+                                        "again, with those after it")
     convert.set_defaults(run=_convert)
 
     distill = commands.add_parser("distill", help="distill a converted student back to its softmax teacher")

@@ -69,6 +69,16 @@ def test_recovery_runs_every_stage_then_resumes_without_redoing_them(teacher_fol
     again = Recovery(settings(teacher_folder), out, progress=False).run(60)  # nothing left to do
     assert again["stages"] == state["stages"]
 
+    # redo the last stage (e.g. after the approximations changed): only it runs again, from the distilled model
+    recovery = Recovery(settings(teacher_folder), out, progress=False)
+    recovery.redo("polynomial")
+    assert list(recovery.state["stages"]) == ["transferred", "distilled"] and "polynomial" not in recovery.state["rows"]
+    redone = recovery.run(600)
+    assert list(redone["stages"]) == list(STAGES) and redone["stages"]["distilled"] == state["stages"]["distilled"]
+    assert redone["runs"][-1]["stages"] == ["polynomial"] and "polynomial" in redone["rows"]
+    with pytest.raises(ValueError, match="unknown stage 'calibrated'"):
+        recovery.redo("calibrated")
+
 
 def test_resuming_with_another_power_or_teacher_names_the_mismatch(teacher_folder, tmp_path):
     out = tmp_path / "out"
