@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..modeling.circuit import CircuitPlan, DecoderCircuit, NormSite, symbolic_run
-from .cipher import Cipher, CipherEngine
+from .cipher import CipherEngine
 from .matmul import PlaintextMatrix
 from .params import PRECISION_LIMIT, ckks_precision
 from .profiler import LatencyProfiler
