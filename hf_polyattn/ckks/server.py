@@ -66,13 +66,14 @@ class LayerMatrices:
             "down": PlaintextMatrix(_weight(layer.mlp.down_proj)),
         }
         self.gain = block.attention.gain
+        if not plan.mean_form:  # the sum form's head sums do not depend on the position
+            self.fixed["score_sum"] = self._score_sum(self.gain)
         self._rotary = rotary
         self._at: tuple[int, dict] | None = None
 
-    def _score_sum(self, position: int) -> PlaintextMatrix:
-        # Sums each head's q ⊙ k and spreads it over the head's slots, times g^(1/p) (and the mean
-        # form's 1/L): the powers then carry the factor the reciprocal's input needs.
-        factor = self.gain / (position + 1) if self.plan.mean_form else self.gain
+    def _score_sum(self, factor: float) -> PlaintextMatrix:
+        # Sums each head's q ⊙ k and spreads it over the head's slots, times factor^(1/p): the
+        # powers then carry the factor the reciprocal's input needs (g, and 1/L in the mean form).
         block_ones = np.kron(np.eye(self.heads), np.ones((self.head_dim, self.head_dim)))
         return PlaintextMatrix(block_ones * factor ** (1 / self.plan.power))
 
@@ -86,11 +87,13 @@ class LayerMatrices:
             dummy = torch.zeros(1, 1, self.head_dim, dtype=torch.float64)
             cos, sin = self._rotary(dummy, position_ids=torch.tensor([[position]]))
             rope = _rope_matrix(cos[0, 0].double().numpy(), sin[0, 0].double().numpy())
-            self._at = (position, {
+            matrices = {
                 "query": PlaintextMatrix(self.wq @ np.kron(np.eye(self.heads), rope) * self.score_factor),
                 "key": PlaintextMatrix(self.wk @ np.kron(np.eye(self.kv_heads), rope) @ self.expand_kv),
-                "score_sum": self._score_sum(position),
-            })
+            }
+            if self.plan.mean_form:
+                matrices["score_sum"] = self._score_sum(self.gain / (position + 1))
+            self._at = (position, matrices)
         return self._at[1][name]
 
 

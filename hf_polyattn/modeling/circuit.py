@@ -37,7 +37,7 @@ from typing import Any
 
 from .polynomial import Approximation
 from .polynomial_form import approximated_ops, normaliser_floor, polynomial_enabled, score_scaled_attentions
-from .symbolic import CircuitTally, SymbolicCipher
+from .symbolic import CircuitTally
 
 
 @dataclass(frozen=True)
@@ -407,7 +407,6 @@ __all__ = [
     "MatrixShape",
     "NormSite",
     "ShapeMatrices",
-    "SymbolicCipher",
     "circuit_depths",
     "symbolic_run",
 ]

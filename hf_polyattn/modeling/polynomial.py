@@ -530,12 +530,15 @@ class ChebyshevApproximation(Approximation):
         if degree == "auto":  # the lowest 2^m - 1 degree whose max absolute error meets the tolerance
             if not tolerance > 0:
                 raise ValueError(f"activation: tolerance must be > 0, got {tolerance}")
+            self.domain = (low, high)  # what sweep_error reads, before the base class sets it
             for degree in AUTO_ACTIVATION_DEGREES:
-                self.degree, self.coefficients, self.domain = degree, fitter(self._target, low, high, degree), (low, high)
+                self.coefficients = fitter(self._target, low, high, degree)
                 if self.sweep_error(2049) <= tolerance:
                     break
-        self.degree = _check_count(self.kind, "degree", degree, 1)
-        self.coefficients = fitter(self._target, low, high, self.degree)
+            self.degree = degree
+        else:
+            self.degree = _check_count(self.kind, "degree", degree, 1)
+            self.coefficients = fitter(self._target, low, high, self.degree)
         super().__init__(domain)
 
     def exact(self, x):

@@ -190,9 +190,7 @@ def build_polynomial_spec(
                 # with sqrt(top / floor) (a wider top cost a random d=48 model 2x its logit error),
                 # so a long-tailed model needs more calibration text rather than a wider top (SmolLM2:
                 # 32 blocks of 128 left held-out rows 6x above it, 64 blocks of 256 none).
-                domain = _positive_domain(low, high, margin, floor)
-                if floor > 0:
-                    domain[0] = floor
+                domain = _positive_domain(floor or low, high, margin, floor)
             else:
                 # |score| <= C makes the mean of x^p at most 1 and the sum at most the length.
                 top = 1.0 if config.attn_form == "mean" else float(config.max_position_embeddings)

@@ -7,7 +7,7 @@ import torch
 
 from hf_polyattn.ckks import CKKSClient, CKKSServer, ClientRoundTrip
 from hf_polyattn.ckks.server import ServerMatrices
-from hf_polyattn.modeling.circuit import CircuitPlan, DecoderCircuit, circuit_depths, symbolic_run
+from hf_polyattn.modeling.circuit import CircuitPlan, DecoderCircuit, ShapeMatrices, circuit_depths, symbolic_run
 from hf_polyattn.modeling.symbolic import CircuitTally
 from tests.helpers import polynomial_tiny, random_ids
 
@@ -65,7 +65,7 @@ def test_the_report_is_the_symbolic_run_of_the_circuit():
     report = model.polynomial_report()
     plan = CircuitPlan.from_model(model)
     tally = CircuitTally()
-    out = DecoderCircuit(plan, _shapes(plan)).step(tally.fresh(plan.hidden_size))
+    out = DecoderCircuit(plan, ShapeMatrices(plan)).step(tally.fresh(plan.hidden_size))
     assert report["total_depth"] == out.depth == circuit_depths(plan)["total_depth"]
     assert report["total_depth"] == sum(b["depth"] for b in report["blocks"]) + report["head_depth"]
     # a ring deep enough for one step never refreshes; one level fewer than the depth must
@@ -73,12 +73,6 @@ def test_the_report_is_the_symbolic_run_of_the_circuit():
     assert symbolic_run(plan, 1, top_level=out.depth - 1).refreshes > 0
     with pytest.raises(ValueError, match="refreshing is disabled"):
         symbolic_run(plan, 1, top_level=out.depth - 1, refresh_allowed=False)
-
-
-def _shapes(plan):
-    from hf_polyattn.modeling.circuit import ShapeMatrices
-
-    return ShapeMatrices(plan)
 
 
 def test_symbolic_cipher_counts_levels_and_refreshes():
