@@ -15,7 +15,8 @@ class CKKSClient:
 
     The server gets `public_context()`: the public, relinearisation and Galois keys, never the
     secret key. A refresh decrypts and re-encrypts exactly what the server sent: values the
-    server has masked, so the client learns nothing about the model's activations.
+    server has masked with uniform noise, so the client sees the activations only through a
+    statistical hiding of about 11 bits per value (`refresh.ClientRoundTrip` states the bound).
     """
 
     def __init__(self, params: CKKSParameters | None = None):

@@ -1,4 +1,4 @@
-"""CKKS parameter sets, refused below 128-bit security unless an insecure test mode is asked for."""
+"""CKKS parameter sets, refused below 128-bit security (TenSEAL's SEAL refuses them too)."""
 
 import math
 from dataclasses import dataclass, field
@@ -33,7 +33,6 @@ class CKKSParameters:
     levels: int = 2
     scale_bits: int = 40
     first_bits: int = 60
-    insecure: bool = False
     coeff_mod_bit_sizes: tuple[int, ...] = field(init=False)
 
     def __post_init__(self):
@@ -48,11 +47,10 @@ class CKKSParameters:
         chain = (self.first_bits, *([self.scale_bits] * self.levels), self.first_bits)
         object.__setattr__(self, "coeff_mod_bit_sizes", chain)
         limit = MAX_COEFF_MODULUS_BITS_128[self.poly_modulus_degree]
-        if sum(chain) > limit and not self.insecure:
+        if sum(chain) > limit:  # SEAL enforces the standard: TenSEAL would refuse the context
             raise ValueError(
                 f"{sum(chain)} modulus bits at N={self.poly_modulus_degree} is below 128-bit security "
-                f"(at most {limit} bits): lower levels or scale_bits, raise poly_modulus_degree, or pass "
-                "insecure=True for a test that says so"
+                f"(at most {limit} bits): lower levels or scale_bits, or raise poly_modulus_degree"
             )
 
     @property
@@ -70,8 +68,7 @@ class CKKSParameters:
 
     @property
     def security(self) -> str:
-        limit = MAX_COEFF_MODULUS_BITS_128[self.poly_modulus_degree]
-        return "128-bit" if sum(self.coeff_mod_bit_sizes) <= limit else "INSECURE (test mode)"
+        return "128-bit"  # the only level __post_init__ accepts
 
     @classmethod
     def max_levels(cls, poly_modulus_degree: int, scale_bits: int = 40, first_bits: int = 60) -> int:

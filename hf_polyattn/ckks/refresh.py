@@ -1,5 +1,6 @@
 """Refreshing a ciphertext whose levels ran out. TenSEAL has no bootstrapping: a round trip."""
 
+import os
 from typing import Protocol
 
 import numpy as np
@@ -11,6 +12,13 @@ from .matmul import SealBackend
 
 class Refresher(Protocol):
     """Turns a ciphertext at its last level into a fresh one with the same values."""
+
+    def draw_mask(self, size: int) -> np.ndarray:
+        """`size` values uniform in [-R, R): 53 random bits each."""
+        if self.rng is not None:
+            return self.rng.uniform(-self.mask_bound, self.mask_bound, size)
+        bits = np.frombuffer(os.urandom(8 * size), dtype=np.uint64) >> np.uint64(11)
+        return (bits * 2.0**-53 * 2.0 - 1.0) * self.mask_bound
 
     def __call__(self, vector: ts.CKKSVector, profiler) -> ts.CKKSVector: ...
 
@@ -28,9 +36,11 @@ class ClientRoundTrip:
     """
 
     def __init__(self, client, mask_bound: float = 2.0**16, seed: int | None = None):
+        """`seed`: reproducible masks from a seeded PCG64, for tests only; `None` (the default)
+        draws every mask from the OS's CSPRNG (`os.urandom`), which the client cannot predict."""
         self.client = client
         self.mask_bound = mask_bound
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(seed) if seed is not None else None
         self._backends: dict[int, SealBackend] = {}
 
     def _backend(self, context: ts.Context) -> SealBackend:
@@ -39,12 +49,19 @@ class ClientRoundTrip:
             self._backends[key] = SealBackend(context)
         return self._backends[key]
 
+    def draw_mask(self, size: int) -> np.ndarray:
+        """`size` values uniform in [-R, R): 53 random bits each."""
+        if self.rng is not None:
+            return self.rng.uniform(-self.mask_bound, self.mask_bound, size)
+        bits = np.frombuffer(os.urandom(8 * size), dtype=np.uint64) >> np.uint64(11)
+        return (bits * 2.0**-53 * 2.0 - 1.0) * self.mask_bound
+
     def __call__(self, vector: ts.CKKSVector, profiler) -> ts.CKKSVector:
         context = vector.context()  # the server's public context
         backend = self._backend(context)
         size = vector.size()
         with profiler.op("refresh"):
-            mask = self.rng.uniform(-self.mask_bound, self.mask_bound, size)
+            mask = self.draw_mask(size)
             masked = self.client.key_id + backend.serialize(backend.add_plain(vector, mask), size)
             profiler.bytes["to_client"] += len(masked)
             fresh = untag(self.client.refresh(masked), self.client.key_id)

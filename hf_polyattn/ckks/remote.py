@@ -14,6 +14,9 @@ from pathlib import Path
 from .client import key_id
 
 START_TIMEOUT_S = 300
+# The longest silence from a working server: it speaks at least at every refresh (a few seconds
+# apart even for a 30-layer model); a dead or stuck one is given up on after this.
+REPLY_TIMEOUT_S = 600
 
 
 class _PipeClient:
@@ -68,17 +71,23 @@ class ServerProcess:
     """The client's handle on a `CKKSServer` running in a separate process.
 
     The process gets a saved copy of the model (the server owns the weights), the client's
-    `public_context()` and ciphertexts. `transcript` keeps every byte string sent to it, so what
-    the server saw can be audited.
+    `public_context()` and ciphertexts. With `keep_transcript`, `transcript` keeps every byte
+    string sent to it, so what the server saw can be audited (it grows by megabytes per step:
+    off by default). Every wait has a timeout (`START_TIMEOUT_S`, `REPLY_TIMEOUT_S`); a step
+    interrupted midway (Ctrl-C, a timeout) leaves the pipe mid-conversation, so the handle then
+    refuses further calls instead of reading a stale reply.
     """
 
-    def __init__(self, model, client, lm_head: bool = True, max_tokens: int = 64):
+    def __init__(self, model, client, lm_head: bool = True, max_tokens: int = 64, keep_transcript: bool = False,
+                 reply_timeout: float = REPLY_TIMEOUT_S):
         self.client = client
         self.max_tokens = max_tokens
+        self.reply_timeout = reply_timeout
+        self._broken: str | None = None
         self._model_dir = tempfile.TemporaryDirectory(prefix="polyattn-server-")
         model.save_pretrained(self._model_dir.name)
         public = client.public_context()
-        self.transcript: list[bytes] = [public]
+        self.transcript: list[bytes] | None = [public] if keep_transcript else None
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing of the client is inherited
         self._connection, child = context.Pipe()
         self._process = context.Process(
@@ -91,15 +100,34 @@ class ServerProcess:
             raise RuntimeError(f"the server process did not start within {START_TIMEOUT_S} s")
         self._expect("ok")
 
+    def _record(self, message: bytes) -> None:
+        if self.transcript is not None:
+            self.transcript.append(message)
+
+    def _request(self, kind: str, payload, wanted: str):
+        """Send one request and wait for its answer, serving refreshes meanwhile."""
+        if self._broken:
+            raise RuntimeError(f"the server connection is unusable ({self._broken}): close this session and open a new one")
+        try:
+            self._connection.send((kind, payload))
+            return self._expect(wanted)
+        except BaseException as error:  # an interrupt or a timeout mid-conversation
+            if not isinstance(error, (ValueError,)):  # a refused request leaves the conversation in order
+                self._broken = f"{kind} interrupted by {type(error).__name__}"
+            raise
+
     def _expect(self, wanted: str):
         while True:
+            if not self._connection.poll(self.reply_timeout):
+                self.close()
+                raise TimeoutError(f"the server process said nothing for {self.reply_timeout:.0f} s; it was stopped")
             try:
                 kind, payload = self._connection.recv()
             except EOFError as error:
                 raise RuntimeError("the server process exited") from error
             if kind == "refresh":  # a refresh request in the middle of a step
                 fresh = self.client.refresh(payload)
-                self.transcript.append(fresh)
+                self._record(fresh)
                 self._connection.send(("refreshed", fresh))
             elif kind == "error":
                 error_type, _, message = payload.partition(": ")
@@ -111,18 +139,15 @@ class ServerProcess:
 
     def step(self, ciphertext: bytes) -> bytes:
         """One token through the server's model: encrypted embedding in, ciphertext out."""
-        self.transcript.append(ciphertext)
-        self._connection.send(("step", ciphertext))
-        return self._expect("result")
+        self._record(ciphertext)
+        return self._request("step", ciphertext, "result")
 
     def reset(self) -> None:
-        self._connection.send(("reset", None))
-        self._expect("ok")
+        self._request("reset", None, "ok")
 
     def profiler(self):
         """The server's `LatencyProfiler` (its op times, refreshes and refresh bytes)."""
-        self._connection.send(("profile", None))
-        return self._expect("profile")
+        return self._request("profile", None, "profile")
 
     def close(self) -> None:
         if self._process.is_alive():

@@ -151,6 +151,11 @@ def require_encryptable(model) -> None:
             f"the CKKS server evaluates the Llama layout (RMSNorm, gated MLP, no biases, full RoPE); this model "
             f"has {different}. Run it in plaintext polynomial form, or convert from a Llama-family checkpoint."
         )
+    # SEAL would refuse a NaN/inf plaintext with "values must be finite", naming nothing, and the
+    # LM head's only after a whole encrypted step: name the tensor before any key is made.
+    broken = [name for name, tensor in model.state_dict().items() if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
+    if broken:
+        raise ValueError(f"the model has non-finite (NaN/inf) weights in {broken[:5]}: CKKS encodes only finite values")
 
 
 class CKKSServer:

@@ -35,6 +35,8 @@ class SecureSession:
         max_tokens: the longest sequence (prompt + generated) the server accepts.
         mask_seed: seed of the refresh masks (tests); `None` draws them from the OS.
         progress: show a per-token progress bar.
+        keep_transcript: with `server="process"`, keep every byte string sent to the server in
+            `session.server.transcript` (audits; it grows by megabytes per step).
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class SecureSession:
         max_tokens: int = 256,
         mask_seed: int | None = None,
         progress: bool = False,
+        keep_transcript: bool = False,
     ):
         require_encryptable(model)
         if lm_head not in ("server", "client"):
@@ -61,7 +64,8 @@ class SecureSession:
         self.progress = progress
         on_server = lm_head == "server"
         if server == "process":
-            self.server = ServerProcess(model, self.client, lm_head=on_server, max_tokens=max_tokens)
+            self.server = ServerProcess(model, self.client, lm_head=on_server, max_tokens=max_tokens,
+                                        keep_transcript=keep_transcript)
         else:
             refresher = ClientRoundTrip(self.client, seed=mask_seed)
             self.server = CKKSServer(
@@ -70,6 +74,11 @@ class SecureSession:
         self.step_seconds: list[float] = []
         self.prefill_tokens = 0  # the first call after a reset: the prompt
         self._bar, self._expected_steps = None, None
+
+    @property
+    def max_tokens(self) -> int:
+        """The longest sequence (prompt + generated) the server accepts."""
+        return self.server.max_tokens
 
     @property
     def position(self) -> int:

@@ -53,7 +53,14 @@ class SecureGenerationMixin:
         config = generation_config or self.generation_config
         new_tokens = kwargs.get("max_new_tokens") or config.max_new_tokens
         # the last generated token is never fed back: prompt + new - 1 encrypted steps
-        session.reset(expected_steps=ids.shape[1] + new_tokens - 1 if new_tokens else None)
+        steps = ids.shape[1] + new_tokens - 1 if new_tokens else None
+        limit = getattr(session, "max_tokens", None)
+        if steps is not None and limit is not None and steps > limit:  # said now, not after limit encrypted steps
+            raise ValueError(
+                f"a {ids.shape[1]}-token prompt + max_new_tokens={new_tokens} needs {steps} encrypted steps, over the "
+                f"session's max_tokens={limit}: shorten them or build the session with a larger max_tokens"
+            )
+        session.reset(expected_steps=steps)
         kwargs["use_cache"] = True  # the session is incremental: after the prompt, one new token per call
         self._secure_session = session
         try:
@@ -72,6 +79,11 @@ def _check_secure_request(model, ids: torch.Tensor | None, generation_config, kw
     """Refuse what the encrypted loop cannot do, before any key is made."""
     if ids is None or ids.ndim != 2 or ids.shape[0] != 1:
         raise ValueError("secure generation takes one sequence: input_ids of shape (1, length)")
+    if ids.shape[1] == 0:
+        raise ValueError("secure generation needs a prompt of at least one token")
+    vocab = model.get_input_embeddings().num_embeddings
+    if bool((ids < 0).any()) or bool((ids >= vocab).any()):
+        raise ValueError(f"input_ids hold ids outside the vocabulary [0, {vocab}): {sorted(set(ids[(ids < 0) | (ids >= vocab)].tolist()))[:5]}")
     mask = kwargs.get("attention_mask")
     if mask is not None and not bool(mask.all()):
         raise ValueError("secure generation takes an unpadded sequence (its attention_mask must be all ones)")
@@ -81,5 +93,8 @@ def _check_secure_request(model, ids: torch.Tensor | None, generation_config, kw
     config = generation_config or model.generation_config
     if (kwargs.get("num_beams") or config.num_beams or 1) != 1:
         raise ValueError("secure generation runs one hypothesis: num_beams must be 1")
+    if (kwargs.get("num_return_sequences") or config.num_return_sequences or 1) != 1:
+        # the session holds one encrypted KV cache: a second row would be a copy of the first
+        raise ValueError("secure generation returns one sequence: num_return_sequences must be 1")
     if kwargs.get("use_cache") is False:
         raise ValueError("secure generation always uses the server's encrypted KV cache: drop use_cache=False")

@@ -127,10 +127,21 @@ def test_approximation_circuits_run_on_ciphertexts(client, engine, approximation
     np.testing.assert_allclose(client.decrypt(encrypted.serialize()), expected, rtol=1e-3, atol=1e-4)
 
 
-def test_insecure_parameters_are_refused_unless_asked_for():
+def test_parameters_below_128_bit_security_are_refused_before_tenseal_sees_them():
     with pytest.raises(ValueError, match="128-bit security"):
         CKKSParameters(poly_modulus_degree=8192, levels=4)
-    params = CKKSParameters(poly_modulus_degree=8192, levels=4, insecure=True)
-    assert params.security == "INSECURE (test mode)"
-    assert CKKSParameters().security == "128-bit"
+    with pytest.raises(ValueError, match="encryption parameters are not set correctly"):  # what TenSEAL says instead
+        ts.context(ts.SCHEME_TYPE.CKKS, 8192, coeff_mod_bit_sizes=[60, 40, 40, 40, 40, 60])
+    top = CKKSParameters(poly_modulus_degree=8192, levels=CKKSParameters.max_levels(8192))
+    assert top.security == "128-bit" and ts.context(ts.SCHEME_TYPE.CKKS, 8192, coeff_mod_bit_sizes=list(top.coeff_mod_bit_sizes))
     assert CKKSParameters.max_levels(16384) == 7 and CKKSParameters.max_levels(32768) == 19
+
+
+def test_refresh_masks_come_from_the_os_csprng_uniform_over_the_bound(client):
+    refresher = ClientRoundTrip(client)
+    first, second = refresher.draw_mask(200_000), refresher.draw_mask(200_000)
+    bound = refresher.mask_bound
+    assert first.min() >= -bound and first.max() < bound and not np.array_equal(first, second)
+    assert abs(first.mean()) < 0.01 * bound and abs(first.std() - bound / 3**0.5) < 0.01 * bound
+    # a seed (tests) makes them reproducible; without one nothing is
+    assert np.array_equal(ClientRoundTrip(client, seed=5).draw_mask(8), ClientRoundTrip(client, seed=5).draw_mask(8))

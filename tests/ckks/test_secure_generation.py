@@ -1,5 +1,7 @@
 """generate(secure=True): the standard generation loop over CKKS, with an encrypted KV cache."""
 
+import copy
+
 import numpy as np
 import pytest
 import tenseal as ts
@@ -60,7 +62,7 @@ def test_server_in_a_separate_process_sees_only_public_keys_and_ciphertexts(one_
     prompt = random_ids(1, 2, seed=31)
     with torch.no_grad():
         plain = one_layer.generate(prompt, max_new_tokens=2, do_sample=False)
-    with SecureSession(one_layer, client=client, server="process") as session:
+    with SecureSession(one_layer, client=client, server="process", keep_transcript=True) as session:
         secure = one_layer.generate(prompt, max_new_tokens=2, do_sample=False, session=session)
         transcript = list(session.server.transcript)
         latency = session.latency()
@@ -99,11 +101,23 @@ def test_secure_generation_refuses_what_it_cannot_do(one_layer, client):
         one_layer.generate(prompt, attention_mask=torch.tensor([[0, 1, 1]]), secure=True)
     with pytest.raises(ValueError, match="num_beams"):
         one_layer.generate(prompt, num_beams=2, secure=True)
+    with pytest.raises(ValueError, match="at least one token"):
+        one_layer.generate(random_ids(1, 0), secure=True)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        one_layer.generate(torch.tensor([[1, one_layer.config.vocab_size]]), secure=True)
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        one_layer.generate(prompt, num_return_sequences=2, do_sample=True, secure=True)
     session = SecureSession(one_layer, client=client, max_tokens=4)
-    with pytest.raises(ValueError, match="max_tokens=4"):
+    with pytest.raises(ValueError, match="needs 7 encrypted steps, over the session's max_tokens=4"):
         one_layer.generate(prompt, max_new_tokens=5, session=session)
+    assert session.position == 0  # refused before any encrypted step
     with pytest.raises(ValueError, match="lm_head"):
         SecureSession(one_layer, client=client, lm_head="both")
+    broken = copy.deepcopy(one_layer)
+    with torch.no_grad():
+        broken.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite \(NaN/inf\) weights in \[.*'lm_head.weight'\]"):
+        broken.generate(prompt, secure=True)
 
 
 def test_client_side_lm_head_gives_the_same_logits(one_layer, client):
@@ -116,3 +130,18 @@ def test_client_side_lm_head_gives_the_same_logits(one_layer, client):
     for encrypted in (server_head, client_head):
         assert (encrypted - plain).abs().max() <= 1e-2 * scale
     assert np.array_equal(server_head.argmax(-1).numpy(), client_head.argmax(-1).numpy())
+
+
+def test_a_silent_server_process_times_out_and_the_handle_then_refuses_to_go_on(one_layer, client):
+    from hf_polyattn.ckks.remote import ServerProcess
+
+    server = ServerProcess(one_layer, client, reply_timeout=0.01)  # far shorter than one encrypted step
+    embedding = one_layer.get_input_embeddings().weight[5].detach().double().numpy()
+    try:
+        assert server.transcript is None  # nothing kept unless asked for
+        with pytest.raises(TimeoutError, match="said nothing for 0 s; it was stopped"):
+            server.step(client.encrypt(embedding))
+        with pytest.raises(RuntimeError, match=r"unusable \(step interrupted by TimeoutError\)"):
+            server.reset()
+    finally:
+        server.close()
