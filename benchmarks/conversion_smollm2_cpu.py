@@ -31,6 +31,7 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-limit", type=int, default=500)
     parser.add_argument("--quick-eval-limit", type=int, default=100)
     parser.add_argument("--transfer-tokens", type=int, default=65536)
+    parser.add_argument("--data", nargs="*", help="training text: files, folders, corpora (default: shakespeare bigbench)")
     parser.add_argument("--evaluate-stages", default="teacher,converted,transferred,distilled,polynomial",
                         help="the rows to score (each costs minutes)")
     parser.add_argument("--report-only", action="store_true", help="only write the tables of the run in --out")
@@ -44,7 +45,7 @@ def main(argv=None) -> None:
         _remember_command(args.out, command_line(__file__, argv))
         state = recover(args.teacher, args.out, args.budget, eval_limit=args.eval_limit,
                         quick_eval_limit=args.quick_eval_limit, transfer_tokens=args.transfer_tokens,
-                        evaluate_stages=tuple(args.evaluate_stages.split(",")), redo=args.redo)
+                        data=tuple(args.data or ()), evaluate_stages=tuple(args.evaluate_stages.split(",")), redo=args.redo)
     commands = json.loads((args.out / COMMANDS).read_text()) if (args.out / COMMANDS).is_file() else []
     write_results(args.results, report(state, "`; then `".join(commands) or command_line(__file__, argv)))
     plot(state, args.results.with_suffix(".png"))
@@ -109,6 +110,11 @@ def report(state: dict, command: str) -> str:
                       f"{fidelity['ppl_exact']:.2f} → {fidelity['ppl_poly']:.2f}, max |Δlogit| {fidelity['max_dlogit']:.3g}; "
                       f"multiplicative depth {notes['depth']['total']} in all, per block "
                       f"{min(notes['depth']['blocks'])}–{max(notes['depth']['blocks'])}."]
+        if "delta" in notes:  # the polynomial row measures exactly what ships
+            rank = notes["delta"]["rank"]
+            lines += ["", f"What ships: {'rank-' + str(rank) if rank else 'full'} fp16 changes over the {settings['teacher']} "
+                          f"checkpoint, {notes['delta']['bytes'] / 2**20:.1f} MiB (`{stages['polynomial']['folder']}/delta`; "
+                          "`examples/ship_smollm2_polyattn.py` copies it into the package)."]
     return "\n".join(lines) + "\n"
 
 

@@ -89,14 +89,15 @@ def _polynomialize(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+    from transformers import TextStreamer
 
     import hf_polyattn  # noqa: F401  (registers the Auto classes and the CKKS session)
     from hf_polyattn.assets import DEFAULT_MODEL_DIR
 
+    from hf_polyattn.conversion.checkpoints import load_checkpoint
+
     path = args.model or DEFAULT_MODEL_DIR
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    model, tokenizer = load_checkpoint(path)  # a folder, a delta folder, or an offline name
     inputs = tokenizer(args.prompt, return_tensors="pt")
     max_new_tokens = args.max_new_tokens or (20 if args.secure else 40)
     session = None
@@ -158,7 +159,7 @@ def _recover(args: argparse.Namespace) -> int:
     try:
         state = recover(
             args.source, args.out, args.budget, attn_power=args.power, attn_eps=args.eps, attn_form=args.form,
-            data=args.data, transfer_tokens=args.transfer_tokens, eval_limit=args.eval_limit,
+            data=tuple(args.data or ()), transfer_tokens=args.transfer_tokens, eval_limit=args.eval_limit,
             quick_eval_limit=args.quick_eval_limit, redo=args.redo,
             **({"tasks": tuple(args.tasks.split(","))} if args.tasks else {}),
         )
@@ -343,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="then recover the quality on this machine: attention transfer, distillation, polynomial "
                               "form and evaluation, within --budget; re-run the same command to resume")
     convert.add_argument("--budget", default="2h30m", help="with --recover: wall time, e.g. 2h30m, 90m")
-    convert.add_argument("--data", nargs="*", help="with --recover: training text (default: shakespeare)")
+    convert.add_argument("--data", nargs="*", help="with --recover: training text (default: shakespeare bigbench)")
     convert.add_argument("--transfer-tokens", type=int, default=65536, help="with --recover: attention-transfer tokens")
     convert.add_argument("--tasks", help="with --recover: benchmark tasks (default: the five MC tasks, lambada, arc_easy_5shot)")
     convert.add_argument("--eval-limit", type=int, default=500, help="with --recover: items per task, final rows")
@@ -409,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="generate text (optionally over CKKS: --secure)")
     generate.add_argument("prompt")
-    generate.add_argument("--model", help="folder with the model and its tokenizer (default: the embedded model)")
+    generate.add_argument("--model", help="folder with the model and its tokenizer, or an offline name: smollm2-polyattn "
+                          "(the recovered polynomial SmolLM2), smollm2, gemma3 (default: the embedded model)")
     generate.add_argument("--max-new-tokens", type=int, help="default 40, or 20 with --secure")
     generate.add_argument("--secure", action="store_true", help="run every forward pass over CKKS and print the latency breakdown")
     generate.add_argument("--server", choices=["in-process", "process"], default="in-process",

@@ -2,6 +2,10 @@
 
     convert → attention transfer → distillation (cached top-k teacher, bf16) → polynomial form
 
+The polynomial stage first truncates what training changed to what ships (`delta_rank`: a
+low-rank fp16 delta over the teacher's checkpoint, `polynomial/delta/`, which `load_checkpoint`
+rebuilds the model from), then calibrates and measures that model.
+
 with a wall-time budget: each stage is planned from measured throughputs before it starts, the
 distillation takes what the later stages leave, and the run stops at a stage boundary with a
 usable model when the budget runs out (and says so). Everything is resumable: `out_dir/state.json`
@@ -26,6 +30,7 @@ from transformers.utils.logging import tqdm
 
 from ..conversion.checkpoints import load_checkpoint
 from ..conversion.convert import convert_checkpoint
+from ..conversion.delta import add_delta, base_state, delta_tensors, load_changed_state, save_delta, tied_names, weights_hash
 from ..evaluation.benchmarks import evaluate_task
 from ..evaluation.fidelity import polynomial_fidelity
 from ..modeling.polynomial import DEFAULT_TOLERANCE
@@ -52,6 +57,8 @@ DISTILL_TOKENS_PER_SECOND = 340.0  # cached top-k, bf16 autocast, all parameters
 EVAL_SECONDS_PER_REQUEST = 0.05  # one (context, continuation) pair, fp32, batch 16 (measured 0.023-0.08)
 POLYNOMIAL_SLOWDOWN = 3.0  # the polynomial form's iterations make its forward slower
 MIN_DISTILL_SECONDS = 300.0
+RECOVERY_CORPORA = ("shakespeare", "bigbench")
+DELTA_FOLDER = "delta"  # inside the polynomial stage's folder: what `load_checkpoint` rebuilds the model from
 
 
 @dataclass
@@ -62,7 +69,9 @@ class RecoverySettings:
     attn_power: int = 4
     attn_eps: float = 1e-6
     attn_form: str = "sum"
-    data: list[str] | None = None  # read_texts(): files, folders, "shakespeare", "bigbench"
+    # read_texts(): files, folders, corpora. Shakespeare alone (archaic verse) left LAMBADA's modern
+    # prose far behind; Wikipedia sentences and dialogue follow it, so the held-out tail is modern.
+    data: tuple[str, ...] = RECOVERY_CORPORA
     seed: int = 0
     # attention transfer
     transfer_tokens: int = 65536
@@ -80,6 +89,9 @@ class RecoverySettings:
     range_loss_weight: float = 0.1
     save_every: int = 50
     # polynomial form
+    # What ships is base + a rank-r change of each matrix (`conversion.delta`), truncated before
+    # calibration so the polynomial row measures it. None: the full changes (270 MB for SmolLM2).
+    delta_rank: int | None = 64
     calibration_blocks: int = 64  # SmolLM2: 32 blocks of 128 left held-out normalisers 6x above the top, 64 of 256 none
     calibration_block: int = 256
     tolerance: float = DEFAULT_TOLERANCE
@@ -97,6 +109,7 @@ class RecoverySettings:
 
     def __post_init__(self):
         self.tasks = tuple(self.tasks)
+        self.data = tuple(self.data or RECOVERY_CORPORA)
         self.evaluate_stages = tuple(self.evaluate_stages)
         unknown = set(self.evaluate_stages) - {"teacher", "converted", *STAGES}
         if unknown:
@@ -246,7 +259,7 @@ class Recovery:
                 reserve = later + self._eval_seconds(stage)
                 student, notes = self._distill(teacher, student, tokenizer, train_text, deadline=deadline - reserve)
             else:
-                student, notes = self._polynomial(student, tokenizer, train_text, held_out)
+                student, notes = self._polynomial(student, tokenizer, train_text, held_out, folder)
             student.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
             seconds = time.monotonic() - stage_start
@@ -329,15 +342,19 @@ class Recovery:
         s = self.settings
         return calibration_batches(tokenizer, [train_text], s.calibration_block, s.calibration_blocks)
 
-    def _polynomial(self, student, tokenizer, train_text: str, held_out: torch.Tensor):
+    def _polynomial(self, student, tokenizer, train_text: str, held_out: torch.Tensor, folder: Path):
         s = self.settings
+        reference = base_state(student.config, s.teacher)
+        stored = delta_tensors(student.state_dict(), reference, s.delta_rank, tied_names(student))
+        load_changed_state(student, add_delta(reference, stored))  # the shipped weights, measured from here on
         student.to_exact().to_polynomial(
             calibration_data=self._calibration(tokenizer, train_text), tolerance=s.tolerance, progress=self.progress,
         )
+        manifest = save_delta(stored, student.config, s.teacher, weights_hash(reference), folder / DELTA_FOLDER, max_bytes=None)
         fidelity = polynomial_fidelity(student, held_out, batch_size=4, progress=self.progress)
         report = student.polynomial_report()
         depth = {"total": report["total_depth"], "blocks": [block["depth"] for block in report["blocks"]]}
-        return student, {"fidelity": fidelity, "depth": depth}
+        return student, {"fidelity": fidelity, "depth": depth, "delta": {"rank": s.delta_rank, "bytes": manifest["bytes"]}}
 
     # ------------------------------------------------------------------ scores
     def _evaluate(self, row: str, model, tokenizer, teacher, held_out: torch.Tensor) -> None:

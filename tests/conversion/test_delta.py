@@ -8,7 +8,10 @@ from safetensors.torch import load_file
 
 from hf_polyattn.conversion.checkpoints import load_checkpoint
 from hf_polyattn.conversion.convert import convert_checkpoint
-from hf_polyattn.conversion.delta import DELTA_FILE, MANIFEST_FILE, apply_delta, write_delta
+from hf_polyattn.conversion.delta import (
+    DELTA_FILE, MANIFEST_FILE, add_delta, apply_delta, base_state, delta_tensors, save_delta, tied_names, weights_hash,
+    write_delta,
+)
 from tests.helpers import random_ids, save_tiny_llama
 
 
@@ -50,7 +53,7 @@ def test_delta_keeps_only_what_changed_and_rebuilds_the_model(recovered, tmp_pat
 
 
 def test_delta_refuses_a_size_over_the_limit_and_another_base(recovered, tmp_path):
-    with pytest.raises(ValueError, match="over the 0 MiB limit: recover with fewer trained parameters"):
+    with pytest.raises(ValueError, match="over the 0 MiB limit: store low-rank changes"):
         write_delta(recovered, str(tmp_path / "base"), tmp_path / "delta", max_bytes=1000)
     assert not (tmp_path / "delta").exists()
 
@@ -60,3 +63,31 @@ def test_delta_refuses_a_size_over_the_limit_and_another_base(recovered, tmp_pat
     (tmp_path / "delta" / MANIFEST_FILE).write_text(json.dumps({**manifest, "base": str(tmp_path / "other")}))
     with pytest.raises(ValueError, match="has weights hash .* was made against"):
         apply_delta(tmp_path / "delta")
+
+
+def test_a_low_rank_delta_stores_factors_and_rebuilds_what_add_delta_gives(tmp_path):
+    """SmolLM2's case: every parameter trained and the embedding tied to the LM head."""
+    save_tiny_llama(tmp_path / "base", "the quick brown fox jumps over the lazy dog " * 40, tie_word_embeddings=True)
+    teacher, _ = load_checkpoint(tmp_path / "base")
+    model = convert_checkpoint(teacher, attn_power=4, attn_eps=1e-2)
+    reference = base_state(model.config, str(tmp_path / "base"))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter += 0.01 * torch.randn(parameter.shape, generator=generator)
+    stored = delta_tensors(model.state_dict(), reference, rank=2, tied=tied_names(model))
+
+    embedding = "model.embed_tokens.weight"
+    assert stored[embedding + ".delta_left"].shape == (model.config.vocab_size, 2)
+    assert stored[embedding + ".delta_right"].shape == (2, model.config.hidden_size)
+    assert not any(name.startswith("lm_head") for name in stored)  # it is the embedding
+    assert stored["model.norm.weight"].shape == (model.config.hidden_size,)  # vectors stay whole
+
+    expected = add_delta(reference, stored)
+    change = expected[embedding] - reference[embedding]
+    assert torch.linalg.matrix_rank(change) == 2
+    save_delta(stored, model.config, str(tmp_path / "base"), weights_hash(reference), tmp_path / "delta")
+    rebuilt, _ = apply_delta(tmp_path / "delta")
+    for name, tensor in rebuilt.state_dict().items():
+        assert torch.equal(tensor, expected[embedding] if name == "lm_head.weight" else expected[name]), name
+    assert rebuilt.lm_head.weight.data_ptr() == rebuilt.model.embed_tokens.weight.data_ptr()

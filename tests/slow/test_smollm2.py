@@ -66,3 +66,19 @@ def test_lm_eval_harness_scores_the_teacher_as_our_harness_does(smollm2):
     assert theirs["n"] == ours["n"] == 50
     assert theirs["acc"] == pytest.approx(ours["acc"], abs=1e-9)
     assert theirs["acc_norm"] == pytest.approx(ours["acc_norm"], abs=1e-9)
+
+
+def test_the_shipped_polynomial_smollm2_loads_offline_and_continues_as_recorded():
+    import json
+
+    from hf_polyattn.assets import SMOLLM2_POLYATTN_DIR
+    from hf_polyattn.conversion.checkpoints import load_checkpoint
+
+    model, tokenizer = load_checkpoint("smollm2-polyattn")
+    assert model.is_polynomial and model.config.polynomial["calibrated"]
+    assert model.polynomial_report()["total_depth"] > 0
+    reference = json.loads((SMOLLM2_POLYATTN_DIR / "reference.json").read_text())
+    ids = tokenizer(reference["prompt"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        generated = model.generate(ids, max_new_tokens=reference["max_new_tokens"], do_sample=False)
+    assert generated[0, ids.shape[1] :].tolist() == reference["tokens"]

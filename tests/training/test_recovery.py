@@ -4,15 +4,18 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from hf_polyattn.cli import main as cli_main
+from hf_polyattn.conversion.checkpoints import load_checkpoint
+from hf_polyattn.conversion.delta import DELTA_FILE
 from hf_polyattn.training.recovery import STAGES, Recovery, RecoverySettings, format_recovery_table, parse_budget
 from tests.helpers import save_tiny_llama
 
 SMALL = dict(transfer_tokens=2048, transfer_block=64, distill_block=64, calibration_blocks=16, calibration_block=64,
              tasks=("piqa", "lambada"), eval_limit=6, quick_eval_limit=4, held_out_blocks=4, held_out_block=64,
-             distill_max_tokens=40 * 4 * 64, distill_lr=3e-3)
+             distill_max_tokens=40 * 4 * 64, distill_lr=3e-3, delta_rank=4)
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +66,11 @@ def test_recovery_runs_every_stage_then_resumes_without_redoing_them(teacher_fol
     assert polynomial.is_polynomial and polynomial.config.polynomial["calibrated"]
     fidelity = state["stages"]["polynomial"]["fidelity"]
     assert fidelity["top1_agreement"] > 0.9
+    # what ships (rank-4 changes over the teacher) is exactly the model the polynomial row measured
+    shipped, _ = load_checkpoint(out / "polynomial" / "delta")
+    assert any(name.endswith(".delta_left") for name in load_file(out / "polynomial" / "delta" / DELTA_FILE))
+    assert all(torch.equal(t, polynomial.state_dict()[n]) for n, t in shipped.state_dict().items())
+    assert shipped.config.polynomial == polynomial.config.polynomial
     table = format_recovery_table(json.loads((out / "state.json").read_text()))
     assert table.count("\n") == 1 + len(rows) and "| polynomial |" in table
 
