@@ -1,11 +1,14 @@
 """The one-call recipe (convert → transfer → distill → polynomial form → scores) on a tiny Llama."""
 
 import json
+import runpy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_polyattn.cli import main as cli_main
 from hf_polyattn.conversion.checkpoints import load_checkpoint
@@ -13,6 +16,7 @@ from hf_polyattn.conversion.delta import DELTA_FILE
 from hf_polyattn.training.recovery import STAGES, Recovery, RecoverySettings, format_recovery_table, parse_budget
 from tests.helpers import save_tiny_llama
 
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SMALL = dict(transfer_tokens=2048, transfer_block=64, distill_block=64, calibration_blocks=16, calibration_block=64,
              tasks=("piqa", "lambada"), eval_limit=6, quick_eval_limit=4, held_out_blocks=4, held_out_block=64,
              distill_max_tokens=40 * 4 * 64, distill_lr=3e-3, delta_rank=4)
@@ -71,6 +75,17 @@ def test_recovery_runs_every_stage_then_resumes_without_redoing_them(teacher_fol
     assert any(name.endswith(".delta_left") for name in load_file(out / "polynomial" / "delta" / DELTA_FILE))
     assert all(torch.equal(t, polynomial.state_dict()[n]) for n, t in shipped.state_dict().items())
     assert shipped.config.polynomial == polynomial.config.polynomial
+    # the ship script copies it, checks it against the measured model and records its greedy continuation
+    saved, sys.argv = sys.argv, ["ship", "--run", str(out), "--out", str(tmp_path / "shipped")]
+    try:
+        runpy.run_path(str(EXAMPLES / "ship_smollm2_polyattn.py"), run_name="__main__")
+    finally:
+        sys.argv = saved
+    reference = json.loads((tmp_path / "shipped" / "reference.json").read_text())
+    ids = AutoTokenizer.from_pretrained(out / "polynomial")(reference["prompt"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        greedy = polynomial.eval().generate(ids, max_new_tokens=reference["max_new_tokens"], do_sample=False)
+    assert reference["tokens"] == greedy[0, ids.shape[1] :].tolist()
     table = format_recovery_table(json.loads((out / "state.json").read_text()))
     assert table.count("\n") == 1 + len(rows) and "| polynomial |" in table
 
