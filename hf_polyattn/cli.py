@@ -93,7 +93,6 @@ def _generate(args: argparse.Namespace) -> int:
 
     import hf_polyattn  # noqa: F401  (registers the Auto classes and the CKKS session)
     from hf_polyattn.assets import DEFAULT_MODEL_DIR
-
     from hf_polyattn.conversion.checkpoints import load_checkpoint
 
     path = args.model or DEFAULT_MODEL_DIR

@@ -112,7 +112,7 @@ class ServerProcess:
             self._connection.send((kind, payload))
             return self._expect(wanted)
         except BaseException as error:  # an interrupt or a timeout mid-conversation
-            if not isinstance(error, (ValueError,)):  # a refused request leaves the conversation in order
+            if not isinstance(error, ValueError):  # a refused request leaves the conversation in order
                 self._broken = f"{kind} interrupted by {type(error).__name__}"
             raise
 

@@ -2,10 +2,6 @@
 
     convert → attention transfer → distillation (cached top-k teacher, bf16) → polynomial form
 
-The polynomial stage first truncates what training changed to what ships (`delta_rank`: a
-low-rank fp16 delta over the teacher's checkpoint, `polynomial/delta/`, which `load_checkpoint`
-rebuilds the model from), then calibrates and measures that model.
-
 with a wall-time budget: each stage is planned from measured throughputs before it starts, the
 distillation takes what the later stages leave, and the run stops at a stage boundary with a
 usable model when the budget runs out (and says so). Everything is resumable: `out_dir/state.json`
@@ -14,6 +10,10 @@ distillation every `save_every` steps, so re-running the same call continues whe
 different teacher, power, form, eps or data is refused by name). After each stage the model is
 scored (benchmarks, held-out KL to the teacher and perplexity) into `state.json`'s rows, which
 `format_recovery_table` prints.
+
+The polynomial stage first truncates what training changed to what ships (`delta_rank`: a
+low-rank fp16 delta over the teacher's checkpoint, `polynomial/delta/`, which `load_checkpoint`
+rebuilds the model from), then calibrates and measures that model.
 """
 
 import json
