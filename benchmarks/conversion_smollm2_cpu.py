@@ -31,6 +31,7 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-limit", type=int, default=500)
     parser.add_argument("--quick-eval-limit", type=int, default=100)
     parser.add_argument("--transfer-tokens", type=int, default=65536)
+    parser.add_argument("--calibration-blocks", type=int, default=512, help="blocks of 256 tokens the domains come from")
     parser.add_argument("--data", nargs="*", help="training text: files, folders, corpora (default: shakespeare bigbench)")
     parser.add_argument("--evaluate-stages", default="teacher,converted,transferred,distilled,polynomial",
                         help="the rows to score (each costs minutes)")
@@ -45,7 +46,7 @@ def main(argv=None) -> None:
         _remember_command(args.out, command_line(__file__, argv))
         state = recover(args.teacher, args.out, args.budget, eval_limit=args.eval_limit,
                         quick_eval_limit=args.quick_eval_limit, transfer_tokens=args.transfer_tokens,
-                        data=tuple(args.data or ()), evaluate_stages=tuple(args.evaluate_stages.split(",")), redo=args.redo)
+                        data=tuple(args.data or ()), calibration_blocks=args.calibration_blocks, evaluate_stages=tuple(args.evaluate_stages.split(",")), redo=args.redo)
     commands = json.loads((args.out / COMMANDS).read_text()) if (args.out / COMMANDS).is_file() else []
     write_results(args.results, report(state, "`; then `".join(commands) or command_line(__file__, argv)))
     plot(state, args.results.with_suffix(".png"))
