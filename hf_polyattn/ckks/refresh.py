@@ -13,13 +13,6 @@ from .matmul import SealBackend
 class Refresher(Protocol):
     """Turns a ciphertext at its last level into a fresh one with the same values."""
 
-    def draw_mask(self, size: int) -> np.ndarray:
-        """`size` values uniform in [-R, R): 53 random bits each."""
-        if self.rng is not None:
-            return self.rng.uniform(-self.mask_bound, self.mask_bound, size)
-        bits = np.frombuffer(os.urandom(8 * size), dtype=np.uint64) >> np.uint64(11)
-        return (bits * 2.0**-53 * 2.0 - 1.0) * self.mask_bound
-
     def __call__(self, vector: ts.CKKSVector, profiler) -> ts.CKKSVector: ...
 
 

@@ -71,15 +71,13 @@ def load_gemma3(dtype: torch.dtype = torch.float32):
 def load_smollm2_polyattn(dtype: torch.dtype = torch.float32):
     """The recovered polynomial SmolLM2 shipped in the package (a delta over `smollm2`) and its tokenizer."""
     from ..assets import SMOLLM2_POLYATTN_DIR
-    from .delta import apply_delta  # it loads its base through load_checkpoint
 
     if not (SMOLLM2_POLYATTN_DIR / "delta.json").is_file():
         raise FileNotFoundError(
             f"the recovered SmolLM2 is missing from {SMOLLM2_POLYATTN_DIR}; write it with "
             "`python examples/ship_smollm2_polyattn.py --run <recovery folder>`"
         )
-    model, tokenizer = apply_delta(SMOLLM2_POLYATTN_DIR)
-    return model.to(dtype), tokenizer
+    return load_checkpoint(SMOLLM2_POLYATTN_DIR, dtype)  # a delta folder
 
 
 OFFLINE_CHECKPOINTS = {"smollm2": load_smollm2, "gemma3": load_gemma3, "smollm2-polyattn": load_smollm2_polyattn}

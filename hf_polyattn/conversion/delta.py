@@ -138,7 +138,9 @@ def save_delta(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(stored, folder / DELTA_FILE)
-    config.save_pretrained(folder)
+    # config.json alone: save_pretrained would also copy the remote-code modules, which a delta
+    # folder never runs (apply_delta builds the model from this package)
+    config.to_json_file(folder / "config.json", use_diff=True)
     manifest = {"base": base, "base_hash": base_hash, "tensors": len(stored), "bytes": size}
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -87,6 +87,7 @@ def test_a_low_rank_delta_stores_factors_and_rebuilds_what_add_delta_gives(tmp_p
     change = expected[embedding] - reference[embedding]
     assert torch.linalg.matrix_rank(change) == 2
     save_delta(stored, model.config, str(tmp_path / "base"), weights_hash(reference), tmp_path / "delta")
+    assert sorted(p.name for p in (tmp_path / "delta").iterdir()) == sorted(["config.json", DELTA_FILE, MANIFEST_FILE])
     rebuilt, _ = apply_delta(tmp_path / "delta")
     for name, tensor in rebuilt.state_dict().items():
         assert torch.equal(tensor, expected[embedding] if name == "lm_head.weight" else expected[name]), name
