@@ -42,13 +42,13 @@ def _power_softmax(module):
     return run
 
 
-def _fused(module):
+def _fused(module, **launch):
     from hf_polyattn.kernels.power_softmax_triton import fused_power_softmax_attention
 
     config = module.config
 
     def run(q, k, v):
-        out = fused_power_softmax_attention(q, k, v, q.shape[-1] ** -0.5, config.attn_power, config.attn_eps)
+        out = fused_power_softmax_attention(q, k, v, q.shape[-1] ** -0.5, config.attn_power, config.attn_eps, **launch)
         return out.transpose(1, 2)
 
     return run
@@ -85,8 +85,10 @@ def _attention_table(args, dtype) -> list[str]:
     names = list(implementations)
     implementations["SDPA"] = _sdpa
     header = " | ".join(f"{name}: fwd / fwd+bwd ms (× SDPA)" for name in names)
-    lines = [f"| T | {header} | SDPA: fwd / fwd+bwd ms | peak MB ({' / '.join(names)} / SDPA) or T×T scores |"]
-    lines.append("|---|" + "---|" * (len(names) + 2))
+    check = len(names) > 1  # the fused kernel against the eager path: outputs and gradients
+    lines = [f"| T | {header} | SDPA: fwd / fwd+bwd ms | peak MB ({' / '.join(names)} / SDPA) or T×T scores |"
+             + (" fused vs eager: max rel. error out / dq / dk / dv |" if check else "")]
+    lines.append("|---|" + "---|" * (len(names) + 2 + check))
     generator = torch.Generator().manual_seed(0)
     for length in args.lengths:
         shape = (1, args.heads, length, args.head_dim)
@@ -108,7 +110,50 @@ def _attention_table(args, dtype) -> list[str]:
             memory = " / ".join(f"{row[n, 'bwd'][1]:.0f}" for n in implementations)
         else:
             memory = f"{args.heads * length * length * torch.finfo(dtype).bits / 8 / 2**20:.0f} MB of scores"
-        lines.append(f"| {length} | " + " | ".join(cells) + f" | {sdpa_fwd * 1e3:.1f} / {sdpa_bwd * 1e3:.1f} | {memory} |")
+        errors = " " + " / ".join(f"{e:.1e}" for e in _relative_errors(*implementations.values(), q, k, v)) + " |" if check else ""
+        lines.append(f"| {length} | " + " | ".join(cells) + f" | {sdpa_fwd * 1e3:.1f} / {sdpa_bwd * 1e3:.1f} | {memory} |" + errors)
+        print(lines[-1], file=sys.stderr, flush=True)
+    return lines
+
+
+def _device_name(device: str) -> str:
+    return f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""
+
+
+def _relative_errors(reference, candidate, _sdpa, q, k, v) -> list[float]:
+    """max |candidate − reference| / max |reference| of the output and of dq, dk, dv (same upstream gradient)."""
+    results = []
+    for function in (reference, candidate):
+        for tensor in (q, k, v):
+            tensor.grad = None
+        out = function(q, k, v)
+        out.float().pow(2).mean().backward()
+        results.append([out.detach().float()] + [tensor.grad.float() for tensor in (q, k, v)])
+    return [float((c - r).abs().max() / r.abs().max()) for r, c in zip(*results)]
+
+
+def _sweep_table(args, dtype) -> list[str]:
+    """The fused kernel's forward+backward time for each `--sweep` launch shape, × SDPA."""
+    from hf_polyattn.kernels.power_softmax_triton import BLOCK_M, BLOCK_N, NUM_WARPS
+
+    module = _module(args.power)
+    shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.sweep]
+    default = (BLOCK_M, BLOCK_N, NUM_WARPS)
+    lines = ["| T | " + " | ".join("×".join(map(str, shape)) + (" (default)" if shape == default else "") for shape in shapes)
+             + " | SDPA |", "|---|" + "---|" * (len(shapes) + 1)]
+    generator = torch.Generator().manual_seed(0)
+    for length in args.lengths:
+        shape = (1, args.heads, length, args.head_dim)
+        q, k, v = (torch.randn(shape, generator=generator).to(args.device, dtype).requires_grad_() for _ in range(3))
+        sdpa = _timed(_sdpa, q, k, v, True, args.repeats, args.device)[0]
+        cells = []
+        for launch in shapes:
+            function = _fused(module, blocks=launch)
+            with torch.no_grad():
+                function(q, k, v)  # compiles this shape
+            seconds = _timed(function, q, k, v, True, args.repeats, args.device)[0]
+            cells.append(f"{seconds * 1e3:.2f} ms ({seconds / sdpa:.2f}×)")
+        lines.append(f"| {length} | " + " | ".join(cells) + f" | {sdpa * 1e3:.2f} ms |")
         print(lines[-1], file=sys.stderr, flush=True)
     return lines
 
@@ -174,18 +219,25 @@ def main(argv=None) -> None:
     parser.add_argument("--model-length", type=int, default=512)
     parser.add_argument("--model-batch", type=int, default=4)
     parser.add_argument("--model-vocab", type=int, default=8192)
+    parser.add_argument("--sweep", nargs="*", default=[], metavar="MxNxW",
+                        help="CUDA: also time the fused kernel's fwd+bwd for these launch shapes "
+                             "(queries per program × keys per step × warps), e.g. 64x64x4 128x64x8")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/attention_speed.md"))
     args = parser.parse_args(argv)
+    if args.sweep and args.device != "cuda":
+        parser.error("--sweep times the fused kernel, which runs on CUDA only")
     dtype = getattr(torch, args.dtype)
     attention = _attention_table(args, dtype)
+    sweep = _sweep_table(args, dtype) if args.sweep else []
     models = _model_table(args)
     command = command_line(__file__, argv)
     text = (
         "# Attention speed: Power-Softmax vs SDPA softmax\n\n"
-        f"Command: `{command}` (torch {torch.__version__}, device {args.device}, {args.dtype}, "
+        f"Command: `{command}` (torch {torch.__version__}, device {args.device}{_device_name(args.device)}, {args.dtype}, "
         f"{torch.get_num_threads()} threads; {args.heads} heads × {args.head_dim}, causal, batch 1, p={args.power}; "
         "best of the repeats). The fused Triton kernel runs on CUDA only.\n\n" + "\n".join(attention) + "\n\n"
-        f"## Training a whole model (d={args.model_hidden}, {args.model_layers} layers, {args.heads} heads, "
+        + ("## Fused kernel launch shapes: forward+backward (× SDPA)\n\n" + "\n".join(sweep) + "\n\n" if sweep else "")
+        + f"## Training a whole model (d={args.model_hidden}, {args.model_layers} layers, {args.heads} heads, "
         f"batch {args.model_batch} × {args.model_length} tokens, AdamW; mean of 3 steps after a warm-up)\n\n"
         + "\n".join(models) + "\n"
     )

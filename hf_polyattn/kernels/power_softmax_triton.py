@@ -20,8 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_M = 64
-BLOCK_N = 64
+BLOCK_M = 64  # queries per program
+BLOCK_N = 64  # keys per inner step
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -205,29 +206,30 @@ class PowerSoftmaxAttentionFunction(torch.autograd.Function):
     """Autograd wrapper of the fused kernels; see `fused_power_softmax_attention`."""
 
     @staticmethod
-    def forward(ctx, query, key, value, scaling, power, eps, mean_form, delta):
+    def forward(ctx, query, key, value, scaling, power, eps, mean_form, delta, blocks):
         query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
         batch, heads, groups, q_len, kv_len, head_dim = _launch_shape(query, key)
         out = torch.empty_like(query)
         row_max = torch.empty(batch * heads, q_len, device=query.device, dtype=torch.float32)
         den = torch.empty_like(row_max)
         block_d = max(16, triton.next_power_of_2(head_dim))
-        grid = (triton.cdiv(q_len, BLOCK_M), batch * heads)
+        block_m, block_n, num_warps = blocks
+        grid = (triton.cdiv(q_len, block_m), batch * heads)
         _forward_kernel[grid](
             query, key, value, out, row_max, den,
             *query.stride(), *key.stride(), *out.stride(),
             heads, groups, q_len, kv_len, head_dim, scaling, eps, delta,
             P=power, MEAN_FORM=mean_form, PRECISION=_precision(query.dtype),
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
         )
         ctx.save_for_backward(query, key, value, out, row_max, den)
-        ctx.scaling, ctx.power = scaling, power
+        ctx.scaling, ctx.power, ctx.blocks = scaling, power, blocks
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, out, row_max, den = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
+        grad_out = grad_out.to(out.dtype).contiguous()  # an fp32 gradient may reach a bf16 output
         batch, heads, groups, q_len, kv_len, head_dim = _launch_shape(query, key)
         row_delta = (grad_out.float() * out.float()).sum(-1).reshape(batch * heads, q_len).contiguous()
         block_d = max(16, triton.next_power_of_2(head_dim))
@@ -235,23 +237,24 @@ class PowerSoftmaxAttentionFunction(torch.autograd.Function):
         # dK, dV per query head in fp32, reduced over each KV group below.
         dk = torch.empty(batch, heads, kv_len, head_dim, device=key.device, dtype=torch.float32)
         dv = torch.empty_like(dk)
-        _backward_kv_kernel[(triton.cdiv(kv_len, BLOCK_N), batch * heads)](
+        block_m, block_n, num_warps = ctx.blocks
+        _backward_kv_kernel[(triton.cdiv(kv_len, block_n), batch * heads)](
             query, key, value, grad_out, row_max, den, row_delta, dk, dv,
             *query.stride(), *key.stride(), *dk.stride(),
             heads, groups, q_len, kv_len, head_dim, ctx.scaling,
-            P=ctx.power, PRECISION=precision, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+            P=ctx.power, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
         )
         dq = torch.empty_like(query)
-        _backward_q_kernel[(triton.cdiv(q_len, BLOCK_M), batch * heads)](
+        _backward_q_kernel[(triton.cdiv(q_len, block_m), batch * heads)](
             query, key, value, grad_out, row_max, den, row_delta, dq,
             *query.stride(), *key.stride(),
             heads, groups, q_len, kv_len, head_dim, ctx.scaling,
-            P=ctx.power, PRECISION=precision, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+            P=ctx.power, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
         )
         kv_heads = heads // groups
         dk = dk.view(batch, kv_heads, groups, kv_len, head_dim).sum(2).to(key.dtype)
         dv = dv.view(batch, kv_heads, groups, kv_len, head_dim).sum(2).to(value.dtype)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def fused_power_softmax_attention(
@@ -263,15 +266,29 @@ def fused_power_softmax_attention(
     eps: float = 1e-6,
     form: str = "sum",
     scale_delta: float = 1e-4,
+    blocks: tuple[int, int, int] = (BLOCK_M, BLOCK_N, NUM_WARPS),
 ) -> torch.Tensor:
     """Causal Power-Softmax attention, `(b, h, q, d)` queries and `(b, h_kv, k, d)` keys/values
-    (queries are the last `q` of the `k` positions) → `(b, h, q, d)`, differentiable."""
+    (queries are the last `q` of the `k` positions) → `(b, h, q, d)`, differentiable.
+
+    `blocks`: (queries per program, keys per step, warps), powers of two ≥ 16 for the block sizes;
+    the values compute the same attention, only the speed changes (`benchmarks/attention_speed.py --sweep`)."""
     if power < 2 or power % 2:
         raise ValueError(f"power must be an even integer >= 2, got {power}")
     if form not in ("sum", "mean"):
         raise ValueError(f"form must be 'sum' or 'mean', got {form!r}")
+    block_m, block_n, num_warps = blocks
+    if any(size < 16 or size & (size - 1) for size in (block_m, block_n)) or num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"blocks must be (queries, keys) per block as powers of two >= 16 and warps in 1, 2, 4, 8 or 16; got {tuple(blocks)}")
     if query.shape[1] % key.shape[1]:
         raise ValueError(f"{key.shape[1]} key/value heads do not divide {query.shape[1]} query heads")
     if key.shape[2] < query.shape[2]:
         raise ValueError(f"{key.shape[2]} keys for {query.shape[2]} queries: the queries must be the last positions")
-    return PowerSoftmaxAttentionFunction.apply(query, key, value, scaling, power, eps, form == "mean", scale_delta)
+    # One dtype for the kernels' dot products. Under autocast, Llama's RoPE hands back fp32 queries
+    # and keys beside bf16 values: run in autocast's dtype, as SDPA does.
+    if torch.is_autocast_enabled(query.device.type):
+        dtype = torch.get_autocast_dtype(query.device.type)
+    else:
+        dtype = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+    query, key, value = (tensor.to(dtype) for tensor in (query, key, value))
+    return PowerSoftmaxAttentionFunction.apply(query, key, value, scaling, power, eps, form == "mean", scale_delta, tuple(blocks))

@@ -63,6 +63,20 @@ def test_kernel_refuses_bad_arguments():
         _kernel()(q, k, k, 0.25)
     with pytest.raises(ValueError, match="last positions"):
         _kernel()(q, q[:, :, :2], q[:, :, :2], 0.25)
+    with pytest.raises(ValueError, match="powers of two"):
+        _kernel()(q, q, q, 0.25, blocks=(48, 64, 4))
+
+
+@pytest.mark.parametrize("blocks", [(16, 32, 2), (32, 16, 8)])
+def test_block_sizes_compute_the_same_attention(blocks):
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 45, 16, generator=generator, requires_grad=True) for _ in range(3))
+    outputs = []
+    for launch in ({}, {"blocks": blocks}):
+        out = _kernel()(q, k, v, 0.25, power=4, eps=1e-3, **launch)
+        outputs.append([out, *torch.autograd.grad(out.pow(2).sum(), (q, k, v))])
+    for ours, reference in zip(*outputs):
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)  # another summation order
 
 
 def test_model_with_the_fused_implementation_trains_and_generates_like_eager():
@@ -116,3 +130,22 @@ def test_cases_the_kernel_does_not_cover_fall_back_to_eager(monkeypatch):
     assert "polynomial" in fused_path_refusal(attention, q, k, None, 0.0)
     monkeypatch.delenv("TRITON_INTERPRET")
     assert "CUDA" in fused_path_refusal(attention, q, k, None, 0.0)
+
+
+def test_model_trains_under_autocast_like_eager():
+    # Under autocast Llama's RoPE returns fp32 queries and keys beside half-precision values, and the
+    # output's gradient arrives in fp32: the kernels must run in one dtype (bf16 autocast failed to
+    # compile on an H200). fp16 here: the interpreter computes on numpy arrays, which have no bf16.
+    eager, fused = tiny_model(attn_eps=1e-3), tiny_model(attn_eps=1e-3)
+    fused.set_attn_implementation(FUSED_ATTENTION_NAME)
+    ids = random_ids(2, 20)
+    losses = []
+    for model in (eager, fused):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], atol=2e-3, rtol=1e-3)
+    for (name, ours), reference in zip(fused.named_parameters(), eager.parameters()):
+        assert torch.isfinite(ours.grad).all(), name
+        torch.testing.assert_close(ours.grad, reference.grad, atol=1e-2, rtol=1e-2, msg=name)
