@@ -19,7 +19,8 @@ import json
 import math
 from pathlib import Path
 
-from hf_polyattn.training.recovery import MULTIPLE_CHOICE, STATE, format_recovery_table, recover
+from hf_polyattn.evaluation.tasks import MULTIPLE_CHOICE
+from hf_polyattn.training.recovery import STATE, format_recovery_table, recover
 from report import command_line, write_results
 
 

@@ -1,9 +1,12 @@
-"""How far the polynomial form is from the exact model on given text."""
+"""How far a model is from a reference on given text: its polynomial form from its exact form, a
+student from its teacher."""
 
 import math
 
 import torch
 from transformers.utils.logging import tqdm
+
+from ..training.distill import distillation_kl
 
 
 @torch.no_grad()
@@ -37,3 +40,17 @@ def polynomial_fidelity(model, blocks: torch.Tensor, batch_size: int = 16, progr
         "max_dlogit": sums["max_dlogit"],
         "mean_dlogit": sums["sum_dlogit"] / blocks.numel(),
     }
+
+
+@torch.no_grad()
+def held_out_kl_and_perplexity(model, teacher, blocks: torch.Tensor, batch_size: int = 4) -> dict[str, float]:
+    """Mean KL(teacher ‖ model) per token and the model's perplexity on held-out token blocks."""
+    kl = nll = 0.0
+    device = next(model.parameters()).device
+    for batch in blocks.split(batch_size):
+        batch = batch.to(device)
+        output = model(batch, labels=batch)
+        kl += float(distillation_kl(output.logits, teacher(batch).logits)) * len(batch)
+        nll += float(output.loss) * len(batch)
+    finite = math.isfinite(nll)
+    return {"kl": kl / len(blocks), "perplexity": math.exp(nll / len(blocks)) if finite else float("nan")}

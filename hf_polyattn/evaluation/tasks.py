@@ -36,6 +36,8 @@ TASKS: dict[str, tuple[str, str]] = {
     "openbookqa_5shot": ("openbookqa", "rc_5shot"),
 }
 GENERATIVE_TASKS = {"lambada"}  # scored by greedy match of the continuation and bits per byte
+# the five zero-shot multiple-choice tasks whose mean acc_norm the conversion results report
+MULTIPLE_CHOICE = ("hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande")
 
 
 @dataclass

@@ -1,13 +1,15 @@
 """Distillation: bring a converted PolyAttn student back to its softmax teacher's quality."""
 
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer
+from transformers import TrainerCallback
 
+from .autocast import UnwrapsAfterTraining
 from .range_loss import RangeLoss
 from .teacher_cache import CACHED_TARGET_KEYS, REST_LOGPROB, TOPK_INDICES, TOPK_LOGPROBS
 
@@ -183,7 +185,7 @@ def merge_trained(model: nn.Module) -> nn.Module:
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
-class DistillationTrainer(Trainer):
+class DistillationTrainer(UnwrapsAfterTraining):
     """A `Trainer` whose loss makes the student match a frozen teacher.
 
     loss = kl_weight · T²·KL(teacher‖student) on logits
@@ -292,3 +294,15 @@ class DistillationTrainer(Trainer):
         if "loss" in logs:
             logs.update({f"distill_{name}": value for name, value in self._terms.items()})
         super().log(logs, *args, **kwargs)
+
+
+class Deadline(TrainerCallback):
+    """Stops training (after saving a checkpoint) when `time.monotonic()` passes `deadline`: the guard
+    of a run planned from a measured throughput on a machine that turns out slower."""
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.monotonic() >= self.deadline:
+            control.should_save = control.should_training_stop = True

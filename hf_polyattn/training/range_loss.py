@@ -4,10 +4,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
 
 from ..modeling import PolyAttnModel
 from ..modeling.polynomial_form import approximated_ops, score_scaled_attentions
+from .autocast import UnwrapsAfterTraining
 
 
 def polyattn_base(model: nn.Module) -> PolyAttnModel:
@@ -88,7 +88,7 @@ class RangeLoss:
         self.remove()
 
 
-class RangeLossTrainer(Trainer):
+class RangeLossTrainer(UnwrapsAfterTraining):
     """`Trainer` whose loss adds `range_loss_weight ×` the `RangeLoss` of the model being trained."""
 
     def __init__(self, *args, range_loss_weight: float = 1.0, **kwargs):

@@ -17,14 +17,13 @@ rebuilds the model from), then calibrates and measures that model.
 """
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
+from transformers import AutoModelForCausalLM, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils.logging import tqdm
 
@@ -32,20 +31,20 @@ from ..conversion.checkpoints import load_checkpoint
 from ..conversion.convert import convert_checkpoint
 from ..conversion.delta import add_delta, base_state, delta_tensors, load_changed_state, save_delta, tied_names, weights_hash
 from ..evaluation.benchmarks import evaluate_task
-from ..evaluation.fidelity import polynomial_fidelity
+from ..evaluation.fidelity import held_out_kl_and_perplexity, polynomial_fidelity
+from ..evaluation.tasks import MULTIPLE_CHOICE
 from ..modeling.polynomial import DEFAULT_TOLERANCE
 from .attention_transfer import record_teacher, transfer_attention
 from .calibrate import calibration_batches
 from .corpora import read_texts
 from .data import text_blocks
-from .distill import DistillationTrainer, distillation_kl, merge_trained, native_bf16, select_trainable
+from .distill import Deadline, DistillationTrainer, merge_trained, native_bf16, select_trainable
 from .pretrain import split_text
 from .storage import write_json_atomic
 from .teacher_cache import build_teacher_cache, reachable_blocks
 
 STATE = "state.json"
 STAGES = ("transferred", "distilled", "polynomial")  # "converted" is recomputed from the teacher in seconds
-MULTIPLE_CHOICE = ("hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande")
 
 # Throughputs measured on 2 cores with avx512_bf16 (SmolLM2-135M, benchmarks/results/
 # conversion_smollm2_cpu.md); they plan the stages. A faster machine only finishes early; a slower
@@ -136,17 +135,6 @@ def parse_budget(text: str) -> float:
 
 def _format_seconds(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
-
-
-class _Deadline(TrainerCallback):
-    """Stops training (after saving a checkpoint) when the wall clock passes the deadline."""
-
-    def __init__(self, deadline: float):
-        self.deadline = deadline
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if time.monotonic() >= self.deadline:
-            control.should_save = control.should_training_stop = True
 
 
 class Recovery:
@@ -329,7 +317,7 @@ class Recovery:
         )
         trainer = DistillationTrainer(
             model=student, args=arguments, train_dataset=cache, teacher=None,
-            range_loss_weight=s.range_loss_weight, callbacks=[_Deadline(deadline)],
+            range_loss_weight=s.range_loss_weight, callbacks=[Deadline(deadline)],
         )
         resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
         result = trainer.train(resume_from_checkpoint=resume)
@@ -379,18 +367,6 @@ def _requests_per_item(task: str) -> int:
     return {"hellaswag": 4, "arc_easy": 4, "arc_challenge": 4, "lambada": 1}.get(task.removesuffix("_5shot"), 2) * (
         6 if task.endswith("_5shot") else 1  # five worked examples make each request ~6x longer
     )
-
-
-@torch.no_grad()
-def held_out_kl_and_perplexity(model, teacher, blocks: torch.Tensor, batch_size: int = 4) -> dict[str, float]:
-    """Mean KL(teacher ‖ model) per token and the model's perplexity on held-out token blocks."""
-    kl = nll = 0.0
-    for batch in blocks.split(batch_size):
-        output = model(batch, labels=batch)
-        kl += float(distillation_kl(output.logits, teacher(batch).logits)) * len(batch)
-        nll += float(output.loss) * len(batch)
-    finite = math.isfinite(nll)
-    return {"kl": kl / len(blocks), "perplexity": math.exp(nll / len(blocks)) if finite else float("nan")}
 
 
 def recover(teacher: str = "smollm2", out_dir: str | Path = "runs/recovered", budget: str | float = "2h30m",

@@ -208,6 +208,13 @@ def test_bf16_autocast_on_cpu(tmp_path):
     assert student.lm_head.weight.dtype == torch.float32  # the master weights stay fp32
     after = _held_out_kl(student.eval(), teacher, held_out)
     assert after < 0.7 * before, (before, after)
+    # the trained model is handed back with its own forward: evaluated after training, it runs in
+    # fp32, not silently under the autocast accelerate wrapped around it for training
+    seen.clear()
+    with torch.no_grad():
+        logits = student(held_out).logits
+    assert seen == {"student": torch.float32}
+    torch.testing.assert_close(logits, type(student).forward(student, held_out).logits, rtol=0, atol=0)
 
 
 def test_cached_lora_and_attention_distillation_from_the_command_line(tmp_path):
