@@ -1,5 +1,6 @@
 """What every benchmark does with its results: name the command that made them, write, print."""
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -7,7 +8,7 @@ from pathlib import Path
 def command_line(script: str, argv: list[str] | None) -> str:
     """`python benchmarks/<script> <arguments>`: the command that reproduces this run."""
     arguments = argv if argv is not None else sys.argv[1:]
-    return " ".join(["python", f"benchmarks/{Path(script).name}", *arguments])
+    return shlex.join(["python", f"benchmarks/{Path(script).name}", *arguments])
 
 
 def write_results(path: Path, text: str) -> None:

@@ -75,17 +75,21 @@ def test_recovery_runs_every_stage_then_resumes_without_redoing_them(teacher_fol
     assert any(name.endswith(".delta_left") for name in load_file(out / "polynomial" / "delta" / DELTA_FILE))
     assert all(torch.equal(t, polynomial.state_dict()[n]) for n, t in shipped.state_dict().items())
     assert shipped.config.polynomial == polynomial.config.polynomial
-    # the ship script copies it, checks it against the measured model and records its greedy continuation
-    saved, sys.argv = sys.argv, ["ship", "--run", str(out), "--out", str(tmp_path / "shipped")]
-    try:
-        runpy.run_path(str(EXAMPLES / "ship_smollm2_polyattn.py"), run_name="__main__")
-    finally:
-        sys.argv = saved
-    reference = json.loads((tmp_path / "shipped" / "reference.json").read_text())
-    ids = AutoTokenizer.from_pretrained(out / "polynomial")(reference["prompt"], return_tensors="pt").input_ids
-    with torch.no_grad():
-        greedy = polynomial.eval().generate(ids, max_new_tokens=reference["max_new_tokens"], do_sample=False)
-    assert reference["tokens"] == greedy[0, ids.shape[1] :].tolist()
+    # the ship script copies it (from the run, or from any delta folder), checks it against the
+    # measured model and records its greedy continuation
+    for source in (["--run", str(out)], ["--delta", str(out / "polynomial" / "delta")]):
+        shipped_dir = tmp_path / f"shipped{source[0]}"
+        saved, sys.argv = sys.argv, ["ship", *source, "--out", str(shipped_dir)]
+        try:
+            runpy.run_path(str(EXAMPLES / "ship_smollm2_polyattn.py"), run_name="__main__")
+        finally:
+            sys.argv = saved
+        reference = json.loads((shipped_dir / "reference.json").read_text())
+        ids = AutoTokenizer.from_pretrained(out / "polynomial")(reference["prompt"], return_tensors="pt").input_ids
+        with torch.no_grad():
+            greedy = polynomial.eval().generate(ids, max_new_tokens=reference["max_new_tokens"], do_sample=False)
+        assert reference["tokens"] == greedy[0, ids.shape[1] :].tolist()
+        assert sorted(path.name for path in shipped_dir.iterdir()) == ["config.json", "delta.json", DELTA_FILE, "reference.json"]
     table = format_recovery_table(json.loads((out / "state.json").read_text()))
     assert table.count("\n") == 1 + len(rows) and "| polynomial |" in table
 
