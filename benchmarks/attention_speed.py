@@ -110,7 +110,7 @@ def _attention_table(args, dtype) -> list[str]:
             memory = " / ".join(f"{row[n, 'bwd'][1]:.0f}" for n in implementations)
         else:
             memory = f"{args.heads * length * length * torch.finfo(dtype).bits / 8 / 2**20:.0f} MB of scores"
-        errors = " " + " / ".join(f"{e:.1e}" for e in _relative_errors(*implementations.values(), q, k, v)) + " |" if check else ""
+        errors = " " + " / ".join(f"{e:.1e}" for e in _relative_errors(*(implementations[name] for name in names), q, k, v)) + " |" if check else ""
         lines.append(f"| {length} | " + " | ".join(cells) + f" | {sdpa_fwd * 1e3:.1f} / {sdpa_bwd * 1e3:.1f} | {memory} |" + errors)
         print(lines[-1], file=sys.stderr, flush=True)
     return lines
@@ -120,7 +120,7 @@ def _device_name(device: str) -> str:
     return f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""
 
 
-def _relative_errors(reference, candidate, _sdpa, q, k, v) -> list[float]:
+def _relative_errors(reference, candidate, q, k, v) -> list[float]:
     """max |candidate − reference| / max |reference| of the output and of dq, dk, dv (same upstream gradient)."""
     results = []
     for function in (reference, candidate):

@@ -54,7 +54,7 @@ from hf_polyattn.assets import SMOLLM2_POLYATTN_DIR
 from hf_polyattn.conversion.checkpoints import load_checkpoint
 from hf_polyattn.conversion.convert import convert_checkpoint
 from hf_polyattn.conversion.delta import (
-    DELTA_FILE, MANIFEST_FILE, add_delta, apply_delta, delta_tensors, load_changed_state, save_delta, tied_names, weights_hash,
+    DELTA_FILE, MANIFEST_FILE, apply_delta, keep_delta, save_delta, weights_hash,
 )
 from hf_polyattn.evaluation.benchmarks import evaluate_task
 from hf_polyattn.evaluation.fidelity import held_out_kl_and_perplexity, polynomial_fidelity
@@ -156,7 +156,7 @@ def run(args) -> None:
     calibration = torch.from_numpy(data["calibration"].astype(np.int64))
     held_out = torch.from_numpy(data["held_out"].astype(np.int64))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    results = Results(args.out / "results.json", device=name, command=" ".join(sys.argv), torch=torch.__version__)
+    results = Results(args.out / "results.json", device=name, command=command_line(__file__, None), torch=torch.__version__)
 
     if args.smoke:
         config = LlamaConfig(**{**meta["teacher_config"], "num_hidden_layers": 2})
@@ -173,11 +173,8 @@ def run(args) -> None:
         student = convert_checkpoint(teacher, **meta["attention"])
         student.to(device).to_polynomial(calibration_data=calibration_data, progress=False).to_exact()
     else:
-        folder = SMOLLM2_POLYATTN_DIR if args.init == "smollm2-polyattn" else Path(args.init)
-        shipped_hash = json.loads((folder / MANIFEST_FILE).read_text())["base_hash"]
-        if shipped_hash != base_hash:
-            raise SystemExit(f"this machine's {TEACHER} converts to weights hash {base_hash}, the delta expects {shipped_hash}")
-        student, _ = apply_delta(folder)
+        # apply_delta refuses a base whose weights hash differs from the one the delta was made on
+        student, _ = apply_delta(SMOLLM2_POLYATTN_DIR if args.init == "smollm2-polyattn" else Path(args.init))
         student.to_exact()
     teacher.to(device)
     student.to(device)
@@ -216,10 +213,7 @@ def run(args) -> None:
     }
 
     # what ships: the rank-r change of every matrix over the base, measured from here on
-    state = {name: tensor.detach() for name, tensor in student.state_dict().items()}
-    on_device = {name: tensor.to(device) for name, tensor in reference.items()}
-    stored = {name: t.cpu() for name, t in delta_tensors(state, on_device, args.rank, tied_names(student)).items()}
-    load_changed_state(student, {n: t.to(device) for n, t in add_delta(reference, stored).items()})
+    stored = keep_delta(student, reference, args.rank)
     delta = args.out / "delta"
     manifest = save_delta(stored, student.config, TEACHER, base_hash, delta, max_bytes=None)
     results["shipped_exact"] = {"rank": args.rank, "bytes": manifest["bytes"],

@@ -116,6 +116,18 @@ def load_changed_state(model: PolyAttnForCausalLM, state: dict[str, torch.Tensor
     model.load_state_dict({n: t for n, t in state.items() if n not in tied}, strict=not tied)
 
 
+def keep_delta(
+    model: PolyAttnForCausalLM, reference: dict[str, torch.Tensor], rank: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Set `model` to what ships: `reference` plus the changes `delta_tensors` stores (rank-`rank`
+    factors with `rank`), computed on the model's device; returns those changes, on the CPU."""
+    device = next(model.parameters()).device
+    on_device = {name: tensor.to(device) for name, tensor in reference.items()}
+    stored = {name: tensor.cpu() for name, tensor in delta_tensors(model.state_dict(), on_device, rank, tied_names(model)).items()}
+    load_changed_state(model, add_delta(reference, stored))
+    return stored
+
+
 def base_state(config: PolyAttnConfig, base: str) -> dict[str, torch.Tensor]:
     """The weights of checkpoint `base` converted with `config`'s attention: what a delta is over."""
     return _base_state(config, base)[0]

@@ -29,7 +29,7 @@ from transformers.utils.logging import tqdm
 
 from ..conversion.checkpoints import load_checkpoint
 from ..conversion.convert import convert_checkpoint
-from ..conversion.delta import add_delta, base_state, delta_tensors, load_changed_state, save_delta, tied_names, weights_hash
+from ..conversion.delta import base_state, keep_delta, save_delta, weights_hash
 from ..evaluation.benchmarks import evaluate_task
 from ..evaluation.fidelity import held_out_kl_and_perplexity, polynomial_fidelity
 from ..evaluation.tasks import MULTIPLE_CHOICE
@@ -335,8 +335,7 @@ class Recovery:
     def _polynomial(self, student, tokenizer, train_text: str, held_out: torch.Tensor, folder: Path):
         s = self.settings
         reference = base_state(student.config, s.teacher)
-        stored = delta_tensors(student.state_dict(), reference, s.delta_rank, tied_names(student))
-        load_changed_state(student, add_delta(reference, stored))  # the shipped weights, measured from here on
+        stored = keep_delta(student, reference, s.delta_rank)  # the shipped weights, measured from here on
         student.to_exact().to_polynomial(
             calibration_data=self._calibration(tokenizer, train_text), tolerance=s.tolerance, progress=self.progress,
         )
