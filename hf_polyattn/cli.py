@@ -1,6 +1,7 @@
 """`hf-polyattn`: convert, distill, polynomialize, evaluate and generate with PolyAttn models."""
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -102,14 +103,16 @@ def _generate(args: argparse.Namespace) -> int:
     session = None
     if args.secure:
         from hf_polyattn.ckks import CKKSParameters, SecureSession
+        from hf_polyattn.ckks.service import TOKEN_ENV
 
         params = CKKSParameters(poly_modulus_degree=args.ring, levels=CKKSParameters.max_levels(args.ring))
         try:
             session = SecureSession(
                 model, params, server=args.server, lm_head=args.lm_head,
                 max_tokens=inputs.input_ids.shape[1] + max_new_tokens, progress=False,
+                token=os.environ.get(TOKEN_ENV), cafile=args.cafile,
             )
-        except ValueError as error:
+        except (ValueError, ConnectionError) as error:
             print(f"hf-polyattn: {error}", file=sys.stderr)
             return 2
         print(f"CKKS N={params.poly_modulus_degree} ({params.security}), server {args.server}, "
@@ -413,18 +416,37 @@ def build_parser() -> argparse.ArgumentParser:
                           "(the recovered polynomial SmolLM2), smollm2, gemma3 (default: the embedded model)")
     generate.add_argument("--max-new-tokens", type=int, help="default 40, or 20 with --secure")
     generate.add_argument("--secure", action="store_true", help="run every forward pass over CKKS and print the latency breakdown")
-    generate.add_argument("--server", choices=["in-process", "process"], default="in-process",
-                          help="with --secure: the CKKS server in this process or in a separate one")
+    generate.add_argument("--server", type=_server_choice, default="in-process",
+                          help="with --secure: 'in-process', 'process' (a server in a child process), or the URL of a "
+                               "running `hf-polyattn serve` (ws://host:port, wss:// with TLS; its token from $HF_POLYATTN_TOKEN)")
+    generate.add_argument("--cafile", help="with a wss:// server: the certificate authority to trust (e.g. a self-signed certificate)")
     generate.add_argument("--lm-head", choices=["server", "client"], default="server",
                           help="with --secure: who applies the LM head (the server returns encrypted logits by default)")
     generate.add_argument("--ring", type=int, default=8192, choices=[8192, 16384, 32768], help="CKKS ring degree N")
     generate.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     generate.add_argument("--seed", type=int, default=0)
     generate.set_defaults(run=_generate)
+
+    # listed here; its options are the service's own parser's (main() hands them over unparsed)
+    commands.add_parser("serve", add_help=False, help="serve encrypted inference over WebSockets "
+                        "(hf-polyattn serve --help for its options)")
     return parser
 
 
+def _server_choice(value: str) -> str:
+    if value in ("in-process", "process") or value.startswith(("ws://", "wss://")):
+        return value
+    raise argparse.ArgumentTypeError(f"'in-process', 'process' or a ws:// / wss:// URL, not {value!r}")
+
+
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        from hf_polyattn.ckks.service import main as serve_main
+
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     if getattr(args, "max_new_tokens", None) is not None and args.max_new_tokens < 1:
         print("hf-polyattn: --max-new-tokens must be >= 1", file=sys.stderr)

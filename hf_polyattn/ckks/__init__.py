@@ -9,8 +9,9 @@ from .client import CKKSClient
 from .params import CKKSParameters
 from .profiler import LatencyProfiler
 from .refresh import ClientRoundTrip, Refresher
-from .remote import ServerProcess
+from .remote import RemoteServer, ServerProcess
 from .server import CKKSServer
+from .service import SecureService, ServiceLimits
 from .session import SecureSession
 
 __all__ = [
@@ -22,6 +23,9 @@ __all__ = [
     "ClientRoundTrip",
     "LatencyProfiler",
     "Refresher",
+    "RemoteServer",
+    "SecureService",
     "SecureSession",
     "ServerProcess",
+    "ServiceLimits",
 ]

@@ -9,7 +9,7 @@ from numbers import Real
 import tenseal as ts
 
 from .client import key_id, untag
-from .matmul import PlaintextMatrix, SealBackend
+from .matmul import PlaintextMatrix, SealBackend, require_supported_product
 from .profiler import LatencyProfiler
 from .refresh import Refresher
 
@@ -164,15 +164,18 @@ class Cipher:
 
     def matmul(self, matrix: "PlaintextMatrix | list[list[float]]") -> "Cipher":
         """`self @ matrix` for a plaintext `(size × n)` matrix: baby-step giant-step on raw SEAL
-        when the matrix's row count divides the slot count (see `matmul.py`), else TenSEAL's."""
+        when the matrix's row count divides the slot count (see `matmul.py`), else TenSEAL's, which
+        is refused where it is known to be wrong (rows + cols > slots + 1)."""
         if not isinstance(matrix, PlaintextMatrix):
             matrix = PlaintextMatrix(matrix)
         if matrix.rows != self.size:
             raise ValueError(f"matmul of a size-{self.size} vector with a {matrix.rows}-row matrix")
+        seal = self.engine.seal
+        require_supported_product(matrix.rows, matrix.cols, seal.slots)
         a = self._fresh_enough()
         with self.engine.profiler.op("pt×ct matmul"):
-            if self.engine.seal.supports(matrix):
-                vector = self.engine.seal.matmul(a.vector, matrix)
+            if seal.supports(matrix):
+                vector = seal.matmul(a.vector, matrix)
             else:
                 vector = a.vector.matmul(matrix.as_lists())
         self.engine.levels_consumed += 1

@@ -10,6 +10,15 @@ from .matmul import SealBackend
 from .params import CKKSParameters
 
 
+class RefreshRefused(RuntimeError):
+    """A refresh request that is not what an honest server sends (wrong keys, level, scale or size,
+    or values beyond the mask's bound). The server is told only "refused", whatever failed."""
+
+
+class IntegrityError(RuntimeError):
+    """A decrypted answer outside what CKKS can hold: a tampered or foreign ciphertext, never logits."""
+
+
 class CKKSClient:
     """Makes the keys, encrypts, decrypts, and answers refresh requests.
 
@@ -17,6 +26,8 @@ class CKKSClient:
     secret key. A refresh decrypts and re-encrypts exactly what the server sent: values the
     server has masked with uniform noise, so the client sees the activations only through a
     statistical hiding of about 11 bits per value (`refresh.ClientRoundTrip` states the bound).
+    It refreshes only what an honest server can send (`refresh`), and every decrypted value is
+    checked against the ring's bound (`decrypt`), so a tampered ciphertext is an error, not noise.
     """
 
     def __init__(self, params: CKKSParameters | None = None):
@@ -54,13 +65,56 @@ class CKKSClient:
         self._encryptor.encrypt_symmetric(plain, ciphertext)
         return self.key_id + self._seal.serialize(ciphertext, len(values))
 
-    def decrypt(self, ciphertext: bytes) -> np.ndarray:
-        return np.asarray(ts.ckks_vector_from(self._context, untag(ciphertext, self.key_id)).decrypt())
+    def decrypt(self, ciphertext: bytes, bound: float | None = None) -> np.ndarray:
+        """The values of a ciphertext of this client's keys; `IntegrityError` for any value beyond
+        `bound` (default `params.max_magnitude`, what the ring's last level holds: every value of
+        a refreshed circuit passes through it, while a flipped byte or a foreign ciphertext
+        decrypts to ~1e19-1e31), `ValueError` for bytes that do not parse."""
+        values = np.asarray(self._load(ciphertext).decrypt())
+        self._check_magnitude(values, self.params.max_magnitude if bound is None else bound, IntegrityError)
+        return values
 
-    def refresh(self, masked: bytes) -> bytes:
-        """Decrypt and re-encrypt at the top level, nothing computed on the (masked) values."""
+    def _load(self, ciphertext: bytes) -> ts.CKKSVector:
+        payload = untag(ciphertext, self.key_id)
+        try:
+            return ts.ckks_vector_from(self._context, payload)
+        except Exception as error:  # noqa: BLE001  (TenSEAL raises bare errors on bad bytes)
+            raise ValueError(f"not a ciphertext of this context: {error}") from error
+
+    @staticmethod
+    def _check_magnitude(values: np.ndarray, bound: float, error: type) -> None:
+        if values.size and not (np.isfinite(values).all() and np.abs(values).max() <= bound):
+            raise error(f"decrypted values reach {np.abs(values).max():.3g}, beyond the bound {bound:.3g}: "
+                        "the ciphertext was tampered with or made under other keys")
+
+    def refresh(self, masked: bytes, max_size: int | None = None) -> bytes:
+        """Decrypt and re-encrypt at the top level, nothing computed on the (masked) values.
+
+        Only what an honest server sends is refreshed: a ciphertext of these keys, at the last
+        level (refreshes happen when levels run out), at the global scale, of two polynomials,
+        of at most `max_size` values (default: the slot count), each within `2 · mask_bound`
+        (the mask's range plus the values it hides). Anything else raises `RefreshRefused`, so
+        a malicious server cannot use refreshes to decrypt arbitrary ciphertexts, and learns
+        one bit (refused) at most before the session ends.
+        """
+        try:
+            vector = self._load(masked)
+            ciphertext = vector.ciphertext()[0]
+            data = self._context.seal_context().data.get_context_data(ciphertext.parms_id())
+            if data is None or data.chain_index() != 0:
+                raise ValueError("not at the last level")
+            if abs(np.log2(ciphertext.scale) - self.params.scale_bits) > 1:
+                raise ValueError(f"scale 2^{np.log2(ciphertext.scale):.1f}, not 2^{self.params.scale_bits}")
+            if ciphertext.size() != 2:
+                raise ValueError(f"{ciphertext.size()} polynomials (not relinearised)")
+            if vector.size() > (max_size or self.params.slots):
+                raise ValueError(f"{vector.size()} values, more than {max_size or self.params.slots}")
+            values = np.asarray(vector.decrypt())
+            self._check_magnitude(values, 2 * self.params.mask_bound, ValueError)
+        except Exception as error:  # noqa: BLE001  (every failure is the same refusal)
+            raise RefreshRefused(f"refused a refresh request: {error}") from error
         self.refreshes += 1
-        return self.encrypt(self.decrypt(masked))
+        return self.encrypt(values)
 
 
 KEY_ID_BYTES = 16

@@ -15,6 +15,7 @@ shapes of our models; shapes whose `rows` does not divide the slot count use Ten
 
 import math
 import os
+import shutil
 import struct
 import tempfile
 import weakref
@@ -29,6 +30,18 @@ def bsgs_split(rows: int) -> tuple[int, int]:
     rotate by 1 up to `n1 - 1`, giant steps by `n1` (`n1 - 1 + n2 - 1` rotations in all)."""
     n1 = 2 ** math.ceil(math.log2(math.sqrt(rows))) if rows > 1 else 1
     return n1, math.ceil(rows / n1)
+
+
+def require_supported_product(rows: int, cols: int, slots: int) -> None:
+    """Refuse a `(rows × cols)` plaintext product that no backend here computes correctly: rows that
+    do not divide the slots leave only TenSEAL's `matmul`, which silently deviates once
+    `rows + cols > slots + 1` (OpenMined/TenSEAL#504)."""
+    if slots % rows and rows + cols > slots + 1:
+        raise NotImplementedError(
+            f"a {rows}×{cols} product on {slots} slots: {rows} rows do not divide the slots (no baby-step "
+            f"giant-step) and TenSEAL's matmul is wrong when rows + cols > slots + 1 (TenSEAL#504); use a larger "
+            "ring, or the LM head on the client (lm_head='client')"
+        )
 
 
 class PlaintextMatrix:
@@ -80,10 +93,7 @@ class SealBackend:
         self.galois_keys = context.galois_keys().data
         self.slots = self.encoder.slot_count()
         self.scale = context.global_scale
-        # SEAL serialises to a path only: use memory-backed /dev/shm where there is one
-        folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-        self._scratch = os.path.join(folder, f"polyattn-ct-{os.getpid()}-{id(self)}.bin")
-        weakref.finalize(self, _remove, self._scratch)
+        self._scratch = _private_scratch_path(self)
 
     def supports(self, matrix: PlaintextMatrix) -> bool:
         return self.slots % matrix.rows == 0
@@ -178,9 +188,17 @@ class SealBackend:
         return ts.ckks_vector_from(self.context, self.serialize(ct, size))
 
 
-def _remove(path: str) -> None:
-    if os.path.exists(path):
-        os.remove(path)
+def _private_scratch_path(owner) -> str:
+    """A path SEAL's `save` (it writes to paths only) can write to that no other process can open:
+    an anonymous in-memory file (Linux memfd, no name in any folder, gone with the process), else a
+    file in a fresh 0700 folder with an unpredictable name, removed with `owner`."""
+    if hasattr(os, "memfd_create"):
+        descriptor = os.memfd_create("polyattn-ciphertext", os.MFD_CLOEXEC)
+        weakref.finalize(owner, os.close, descriptor)
+        return f"/proc/self/fd/{descriptor}"
+    folder = tempfile.mkdtemp(prefix="polyattn-")
+    weakref.finalize(owner, shutil.rmtree, folder, True)
+    return os.path.join(folder, "ciphertext.bin")
 
 
 def _varint(value: int) -> bytes:

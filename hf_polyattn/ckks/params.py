@@ -63,6 +63,12 @@ class CKKSParameters:
         return 2.0 ** (self.first_bits - self.scale_bits - 1)
 
     @property
+    def mask_bound(self) -> float:
+        """`R`, the range of a refresh mask: the server adds `r ∈ [-R, R]` to values `|x| ≤ R`, so
+        the client decrypts `|x + r| ≤ 2R`, a quarter of `max_magnitude` (2^16 for the default ring)."""
+        return self.max_magnitude / 8
+
+    @property
     def precision(self) -> float:
         return ckks_precision(self.scale_bits, self.poly_modulus_degree)
 

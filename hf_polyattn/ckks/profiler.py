@@ -74,6 +74,33 @@ class LatencyProfiler:
         self.refreshes += other.refreshes
         return self
 
+    _TABLES = ("seconds", "counts", "op_counts", "scope_seconds", "bytes")
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able numbers (what a server sends back over the network: never pickled)."""
+        return {**{name: dict(getattr(self, name)) for name in self._TABLES}, "refreshes": self.refreshes}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LatencyProfiler":
+        """The profiler `to_dict` described; anything but names mapped to numbers is refused."""
+        profiler = cls()
+        try:
+            for name in cls._TABLES:
+                table = data.get(name, {})
+                if not isinstance(table, dict) or not all(
+                    isinstance(key, str) and isinstance(value, (int, float)) and not isinstance(value, bool)
+                    for key, value in table.items()
+                ):
+                    raise TypeError(name)
+                getattr(profiler, name).update(table)
+            refreshes = data.get("refreshes", 0)
+            if not isinstance(refreshes, int) or isinstance(refreshes, bool):
+                raise TypeError("refreshes")
+        except (AttributeError, TypeError) as error:
+            raise ValueError(f"not a latency profile (field {error})") from None
+        profiler.refreshes = refreshes
+        return profiler
+
     @property
     def total(self) -> float:
         return sum(self.seconds.values())

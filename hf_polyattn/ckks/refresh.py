@@ -25,14 +25,16 @@ class ClientRoundTrip:
     Hiding: for activations bounded by `|x| ≤ B`, each slot the client sees is within
     statistical distance `B / R` of uniform; with the default `R = 2^16` and `B ≈ 2^5` that is
     about `2^-11` per value: a weak hiding, stated as such, limited by CKKS's headroom
-    (`R` must stay below `2^(first_bits - scale_bits - 2)`).
+    (`CKKSParameters.mask_bound`: the client refuses values beyond `2R`).
     """
 
-    def __init__(self, client, mask_bound: float = 2.0**16, seed: int | None = None):
-        """`seed`: reproducible masks from a seeded PCG64, for tests only; `None` (the default)
+    def __init__(self, client, mask_bound: float | None = None, seed: int | None = None):
+        """`client`: anything with `key_id` and `refresh(masked) -> fresh` (a `CKKSClient`, or a
+        connection to one). `mask_bound`: `R`, by default the client's `params.mask_bound`.
+        `seed`: reproducible masks from a seeded PCG64, for tests only; `None` (the default)
         draws every mask from the OS's CSPRNG (`os.urandom`), which the client cannot predict."""
         self.client = client
-        self.mask_bound = mask_bound
+        self.mask_bound = client.params.mask_bound if mask_bound is None else mask_bound
         self.rng = np.random.default_rng(seed) if seed is not None else None
         self._backends: dict[int, SealBackend] = {}
 

@@ -17,9 +17,9 @@ import math
 import numpy as np
 import torch
 
-from ..modeling.circuit import CircuitPlan, DecoderCircuit, NormSite, symbolic_run
+from ..modeling.circuit import CircuitPlan, DecoderCircuit, NormSite, ShapeMatrices, symbolic_run
 from .cipher import CipherEngine
-from .matmul import PlaintextMatrix
+from .matmul import PlaintextMatrix, require_supported_product
 from .params import PRECISION_LIMIT, ckks_precision
 from .profiler import LatencyProfiler
 from .refresh import Refresher
@@ -204,6 +204,10 @@ class CKKSServer:
 
     def _check_budget(self) -> None:
         """Refuse, before any ciphertext exists, what the ring cannot carry."""
+        shapes = ShapeMatrices(self.circuit_plan)
+        names = ("query", "value", "score_sum", "out", "gate", "down") + (("head",) if self.lm_head else ())
+        for rows, cols in [shapes.matrix(name).shape for name in names] + [(self.hidden_size, self.hidden_size)]:
+            require_supported_product(rows, cols, self.engine.seal.slots)
         context = self.engine.context
         limit = 2.0 ** (context.seal_context().data.last_context_data().total_coeff_modulus_bit_count() - math.log2(context.global_scale) - 2)
         for block in self.circuit_plan.blocks:

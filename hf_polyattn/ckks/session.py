@@ -11,7 +11,7 @@ from .client import CKKSClient
 from .params import CKKSParameters
 from .profiler import LatencyProfiler
 from .refresh import ClientRoundTrip
-from .remote import ServerProcess
+from .remote import RemoteServer, ServerProcess
 from .server import CKKSServer, require_encryptable
 
 
@@ -27,16 +27,20 @@ class SecureSession:
             table (and, with `lm_head="client"`, its final norm weight and LM head).
         params: CKKS parameters of new keys (default `CKKSParameters()`: N=8192, 128-bit).
         client: reuse an existing `CKKSClient` (its keys) instead of making new ones.
-        server: `"in-process"` (a `CKKSServer` in this process, sharing the profiler) or
-            `"process"` (a `ServerProcess`: a separate process that receives only the public
-            context and ciphertexts, and asks this client for refreshes over a pipe).
+        server: `"in-process"` (a `CKKSServer` in this process, sharing the profiler),
+            `"process"` (a `ServerProcess`: `hf-polyattn serve` in a child process, on
+            127.0.0.1), or the URL of a running `hf-polyattn serve` (`ws://host:port`,
+            `wss://` with TLS). The last two receive only the public context and ciphertexts,
+            and ask this client for refreshes on the same connection.
         lm_head: `"server"` returns encrypted logits (the LM head stays with the server);
             `"client"` returns the encrypted final hidden state, the client applies the head.
         max_tokens: the longest sequence (prompt + generated) the server accepts.
         mask_seed: seed of the refresh masks (tests); `None` draws them from the OS.
         progress: show a per-token progress bar.
-        keep_transcript: with `server="process"`, keep every byte string sent to the server in
+        keep_transcript: with a server elsewhere, keep every byte string sent to it in
             `session.server.transcript` (audits; it grows by megabytes per step).
+        token: the shared secret a `hf-polyattn serve` URL asks for (`HF_POLYATTN_TOKEN`).
+        cafile: with a `wss://` URL, the certificate authority to trust (a self-signed server).
     """
 
     def __init__(
@@ -45,25 +49,31 @@ class SecureSession:
         params: CKKSParameters | None = None,
         *,
         client: CKKSClient | None = None,
-        server: Literal["in-process", "process"] = "in-process",
+        server: str = "in-process",
         lm_head: Literal["server", "client"] = "server",
         max_tokens: int = 256,
         mask_seed: int | None = None,
         progress: bool = False,
         keep_transcript: bool = False,
+        token: str | None = None,
+        cafile: str | None = None,
     ):
         require_encryptable(model)
         if lm_head not in ("server", "client"):
             raise ValueError(f"lm_head must be 'server' or 'client', got {lm_head!r}")
-        if server not in ("in-process", "process"):
-            raise ValueError(f"server must be 'in-process' or 'process', got {server!r}")
+        remote = isinstance(server, str) and server.startswith(("ws://", "wss://"))
+        if server not in ("in-process", "process") and not remote:
+            raise ValueError(f"server must be 'in-process', 'process' or a ws:// or wss:// URL, got {server!r}")
         self.model = model
         self.client = client or CKKSClient(params)
         self.lm_head = lm_head
         self.profiler = LatencyProfiler()
         self.progress = progress
         on_server = lm_head == "server"
-        if server == "process":
+        if remote:
+            self.server = RemoteServer(server, self.client, model, lm_head=on_server, max_tokens=max_tokens,
+                                       token=token, cafile=cafile, keep_transcript=keep_transcript)
+        elif server == "process":
             self.server = ServerProcess(model, self.client, lm_head=on_server, max_tokens=max_tokens,
                                         keep_transcript=keep_transcript)
         else:
@@ -133,10 +143,10 @@ class SecureSession:
         return out
 
     def latency(self) -> LatencyProfiler:
-        """Every timed operation of both sides (a server process's fetched over the pipe)."""
-        if isinstance(self.server, ServerProcess):
-            return LatencyProfiler().merge(self.profiler).merge(self.server.profiler())
-        return self.profiler
+        """Every timed operation of both sides (a server elsewhere sends its own as JSON)."""
+        if isinstance(self.server, CKKSServer):
+            return self.profiler
+        return LatencyProfiler().merge(self.profiler).merge(self.server.profiler())
 
     def report(self) -> str:
         """Prefill and per-token times, then the per-operation breakdown, as Markdown."""
@@ -150,9 +160,9 @@ class SecureSession:
         return "\n".join(lines) + "\n\n" + self.latency().table()
 
     def close(self) -> None:
-        """Stop a server process (nothing to do in-process)."""
+        """End the session with a server elsewhere, stop a server process (nothing to do in-process)."""
         self._close_bar()
-        if isinstance(self.server, ServerProcess):
+        if not isinstance(self.server, CKKSServer):
             self.server.close()
 
     def __enter__(self) -> "SecureSession":

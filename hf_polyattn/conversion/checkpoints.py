@@ -83,10 +83,11 @@ def load_smollm2_polyattn(dtype: torch.dtype = torch.float32):
 OFFLINE_CHECKPOINTS = {"smollm2": load_smollm2, "gemma3": load_gemma3, "smollm2-polyattn": load_smollm2_polyattn}
 
 
-def load_checkpoint(name_or_path: str | Path, dtype: torch.dtype = torch.float32):
+def load_checkpoint(name_or_path: str | Path, dtype: torch.dtype = torch.float32, tokenizer: bool = True):
     """A causal LM and its tokenizer from an offline checkpoint name (`"smollm2"`, `"gemma3"`,
     `"smollm2-polyattn"`: the recovered polynomial SmolLM2), a
-    `.gguf` file, a model folder, or a delta folder (`delta.write_delta`) over one of those."""
+    `.gguf` file, a model folder, or a delta folder (`delta.write_delta`) over one of those.
+    `tokenizer=False`: a model folder's tokenizer is not loaded (a server needs none): `(model, None)`."""
     if str(name_or_path) in OFFLINE_CHECKPOINTS:
         return OFFLINE_CHECKPOINTS[str(name_or_path)](dtype)
     path = Path(name_or_path)
@@ -101,4 +102,5 @@ def load_checkpoint(name_or_path: str | Path, dtype: torch.dtype = torch.float32
 
         model, tokenizer = apply_delta(path)
         return model.to(dtype), tokenizer
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    return model, AutoTokenizer.from_pretrained(path) if tokenizer else None

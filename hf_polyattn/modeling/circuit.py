@@ -361,10 +361,18 @@ class DecoderCircuit:
             return out
 
     def step(self, hidden):
-        """One token: its hidden state (after the embedding) in, logits (or the final norm) out."""
-        for block in self.plan.blocks:
-            hidden = self.block(block, hidden)
-        return self.head(hidden)
+        """One token: its hidden state (after the embedding) in, logits (or the final norm) out.
+        A step that fails midway (a refused refresh, a lost client) leaves the KV cache as it was
+        before it, so the sequence can go on from the same position."""
+        start = self.position
+        try:
+            for block in self.plan.blocks:
+                hidden = self.block(block, hidden)
+            return self.head(hidden)
+        except BaseException:
+            for keys, values in zip(self.keys, self.values):
+                del keys[start:], values[start:]
+            raise
 
 
 def symbolic_run(plan: CircuitPlan, num_tokens: int, top_level: int | None = None, refresh_allowed: bool = True,

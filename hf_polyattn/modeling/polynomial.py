@@ -18,6 +18,7 @@ unless the map is the identity).
 import copy
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -544,8 +545,16 @@ class ChebyshevApproximation(Approximation):
             self.domain = (low, high)  # what sweep_error reads, before the base class sets it
             for degree in AUTO_ACTIVATION_DEGREES:
                 self.coefficients = fitter(self._target, low, high, degree)
-                if self.sweep_error(2049) <= tolerance:
+                error = self.sweep_error(2049)
+                if error <= tolerance:
                     break
+            else:  # said at calibration, not found later in the logits
+                warnings.warn(
+                    f"{function} on [{low:.4g}, {high:.4g}]: degree {degree}, the highest tried, leaves a max error "
+                    f"of {error:.2g} (tolerance {tolerance:g}); a domain this wide (massive activations) needs a "
+                    "range loss during training to narrow it, or a fixed higher degree",
+                    stacklevel=2,
+                )
             self.degree = degree
         else:
             self.degree = _check_count(self.kind, "degree", degree, 1)

@@ -11,6 +11,7 @@ processors, stopping criteria, streamers and sampling of `GenerationConfig` all 
 the decrypted logits.
 """
 
+import threading
 from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
@@ -29,7 +30,13 @@ class SecureGenerationMixin:
 
     # Set by `hf_polyattn.generation` on import: model -> session (the CKKS client/server pair).
     secure_session_factory: ClassVar[Callable[[Any], GenerationSession] | None] = None
-    _secure_session: GenerationSession | None = None
+    # The session of the generate() running in this thread, per model: one model may generate
+    # securely in several threads at once (a web service), each with its own session.
+    _running_sessions: ClassVar[threading.local] = threading.local()
+
+    @property
+    def _secure_session(self) -> GenerationSession | None:
+        return getattr(self._running_sessions, "by_model", {}).get(id(self))
 
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, *, secure: bool = False, session=None, **kwargs):
         """`GenerationMixin.generate`, plus:
@@ -62,11 +69,12 @@ class SecureGenerationMixin:
             )
         session.reset(expected_steps=steps)
         kwargs["use_cache"] = True  # the session is incremental: after the prompt, one new token per call
-        self._secure_session = session
+        running = self._running_sessions.__dict__.setdefault("by_model", {})
+        running[id(self)] = session
         try:
             return super().generate(ids, generation_config, **kwargs)
         finally:
-            self._secure_session = None
+            del running[id(self)]
 
     def _secure_forward(self, input_ids: torch.LongTensor | None, inputs_embeds, cache) -> CausalLMOutputWithPast:
         if input_ids is None or inputs_embeds is not None:

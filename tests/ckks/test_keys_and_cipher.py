@@ -9,6 +9,8 @@ import tenseal as ts
 
 from hf_polyattn.ckks import CKKSClient, CKKSParameters, ClientRoundTrip
 from hf_polyattn.ckks.cipher import CipherEngine, DepthExceededError
+from hf_polyattn.ckks.client import KEY_ID_BYTES, IntegrityError, RefreshRefused
+from hf_polyattn.ckks.matmul import PlaintextMatrix, SealBackend
 from hf_polyattn.modeling.polynomial import ChebyshevApproximation, InverseSqrtApproximation, ReciprocalApproximation
 
 
@@ -51,7 +53,7 @@ def test_the_server_side_holds_no_secret_key(client, engine):
 
 
 def test_refresh_restores_levels_and_values_and_the_client_sees_only_masked_values(client, engine):
-    values = np.array([0.5, -1.25, 2.0, 0.125])
+    values = np.array([0.5, -1.25, 1.4, 0.125])  # x^32 stays within what the last level holds (2^19)
     seen = []
     original = client.refresh
 
@@ -145,3 +147,87 @@ def test_refresh_masks_come_from_the_os_csprng_uniform_over_the_bound(client):
     assert abs(first.mean()) < 0.01 * bound and abs(first.std() - bound / 3**0.5) < 0.01 * bound
     # a seed (tests) makes them reproducible; without one nothing is
     assert np.array_equal(ClientRoundTrip(client, seed=5).draw_mask(8), ClientRoundTrip(client, seed=5).draw_mask(8))
+
+
+def _refresh_request(client, values, level: str = "last") -> bytes:
+    """What an honest server sends for a refresh: a ciphertext of `values` at the last level."""
+    backend = SealBackend(client._context)
+    ciphertext = client._context.seal_context().data
+    ct = ts.ckks_vector(client._context, list(values)).ciphertext()[0]
+    if level == "last":
+        backend.evaluator.mod_switch_to_inplace(ct, ciphertext.last_parms_id())
+    return client.key_id + backend.serialize(ct, len(values))
+
+
+def test_the_client_refreshes_only_what_an_honest_server_sends(client):
+    bound = 2 * client.params.mask_bound
+    values = np.array([0.5, -3.0, 0.99 * bound, 7.0])
+    fresh = client.refresh(_refresh_request(client, values))
+    assert np.allclose(client.decrypt(fresh), values, atol=1e-3)
+    refused = {
+        "a fresh ciphertext (top level)": _refresh_request(client, values, level="top"),
+        "values beyond twice the mask bound": _refresh_request(client, [0.5, 1.01 * bound]),
+        "other keys": CKKSClient(client.params).key_id + _refresh_request(client, values)[KEY_ID_BYTES:],
+        "bytes that do not parse": client.key_id + b"\x0a\x01" * 50,
+    }
+    for name, request in refused.items():
+        with pytest.raises(RefreshRefused):
+            client.refresh(request)
+    with pytest.raises(RefreshRefused, match="more than 2"):
+        client.refresh(_refresh_request(client, values), max_size=2)
+
+
+def test_tampered_ciphertexts_raise_instead_of_decrypting_to_noise(client):
+    values = np.linspace(-2, 2, 64)
+    ciphertext = client.encrypt(values)
+    rng = np.random.default_rng(0)
+    outcomes = []
+    for position in rng.integers(KEY_ID_BYTES + 16, len(ciphertext) - 16, 64):
+        flipped = bytearray(ciphertext)
+        flipped[position] ^= 0xA5
+        try:
+            decrypted = client.decrypt(bytes(flipped))
+            outcomes.append("decrypted")
+            assert np.abs(decrypted).max() <= client.params.max_magnitude
+        except IntegrityError:
+            outcomes.append("integrity")
+        except ValueError:
+            outcomes.append("unparsable")
+    assert "integrity" in outcomes  # a flipped coefficient used to decrypt silently to ~1e31
+
+
+def test_ciphertext_serialisation_writes_no_file_anyone_can_find(client):
+    folders = ["/dev/shm", tempfile.gettempdir()]
+    before = {folder: set(os.listdir(folder)) for folder in folders if os.path.isdir(folder)}
+    backend = SealBackend(client._context)
+    ct = ts.ckks_vector(client._context, [1.0, 2.0]).ciphertext()[0]
+    assert backend.serialize(ct, 2) == backend.serialize(ct, 2)
+    for folder, names in before.items():
+        assert not {name for name in set(os.listdir(folder)) - names if "polyattn" in name}, folder
+
+
+def test_tenseal_matmul_is_refused_past_the_size_where_it_goes_wrong(client, engine):
+    # rows that do not divide the 4096 slots leave TenSEAL's own matmul: right up to
+    # rows + cols = slots + 1, silently wrong past it (OpenMined/TenSEAL#504)
+    rows, slots = 100, client.params.slots
+    generator = np.random.default_rng(0)
+    values, weights = generator.uniform(-1, 1, rows), generator.uniform(-1, 1, (rows, slots + 2 - rows)) / 10
+    x = engine.load(client.encrypt(values))
+    at_bound = x.matmul(PlaintextMatrix(weights[:, :-1]))
+    assert np.abs(client.decrypt(at_bound.serialize()) - values @ weights[:, :-1]).max() < 1e-3
+    with pytest.raises(NotImplementedError, match="rows \\+ cols > slots \\+ 1 \\(TenSEAL#504\\)"):
+        x.matmul(PlaintextMatrix(weights))
+    past = x.vector.matmul(weights.tolist())  # what the guard keeps from running: TenSEAL itself, one past
+    decrypted = client.decrypt(client.key_id + past.serialize(), bound=np.inf)
+    assert np.abs(decrypted - values @ weights).max() > 1e-2
+
+
+def test_a_server_whose_products_tenseal_gets_wrong_is_refused_before_any_ciphertext(client):
+    from hf_polyattn.ckks import CKKSServer
+    from tests.helpers import polynomial_tiny
+
+    # d=48 does not divide the slots, and the 48×4100 LM head is past TenSEAL's bound
+    model = polynomial_tiny(num_hidden_layers=1, hidden_size=48, vocab_size=4100, num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(NotImplementedError, match="48×4100 product"):
+        CKKSServer(model, client.public_context(), ClientRoundTrip(client))
+    CKKSServer(model, client.public_context(), ClientRoundTrip(client), lm_head=False)  # the head on the client: fine

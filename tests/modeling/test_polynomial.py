@@ -262,6 +262,13 @@ def test_auto_activation_degree_is_the_lowest_that_meets_the_tolerance(domain, t
     assert build_approximation(auto.spec()).degree == degree  # the spec records the resolved degree
 
 
+def test_an_activation_domain_too_wide_for_the_highest_auto_degree_is_said_at_calibration():
+    # SmolLM2's massive-activation layers (2, 11, 27-29) calibrate to domains like [-61, 90]
+    with pytest.warns(UserWarning, match=r"degree 127, the highest tried, leaves a max error of 0\.00[0-9]"):
+        wide = ChebyshevApproximation("silu", "auto", [-61.3, 89.72])
+    assert wide.degree == polynomial.AUTO_ACTIVATION_DEGREES[-1] and wide.max_error > 1e-3
+
+
 def test_spec_round_trips_to_the_same_function():
     for make in APPROXIMATIONS.values():
         approximation = make()
