@@ -168,11 +168,13 @@ class SealBackend:
         self.evaluator.add_plain_inplace(ct, self.encode_repeated(values, ct.parms_id(), ct.scale))
         return ct
 
-    def serialize(self, ct: sealapi.Ciphertext, size: int) -> bytes:
+    def serialize(self, ct, size: int) -> bytes:
         """TenSEAL's serialized form of a `size`-value vector held in `ct` (CKKSVectorProto:
         1 = size, 2 = SEAL ciphertext bytes, 3 = TenSEAL's initial scale, the context's global
         scale for every vector this package makes): TenSEAL has no constructor from a SEAL
-        ciphertext."""
+        ciphertext. `ct` may also be the `Serializable` of a symmetric encryption, which SEAL
+        writes as its first polynomial plus the seed of the second (half the bytes; any context
+        loads it back whole)."""
         ct.save(self._scratch)
         with open(self._scratch, "rb") as handle:
             payload = handle.read()
