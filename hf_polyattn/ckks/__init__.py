@@ -6,6 +6,7 @@ TenSEAL stays behind this package's small interface (`CKKSClient`, `CKKSServer`,
 
 from .cipher import Cipher, CipherEngine
 from .client import CKKSClient
+from .client_model import client_model
 from .params import CKKSParameters
 from .profiler import LatencyProfiler
 from .refresh import ClientRoundTrip, Refresher
@@ -27,5 +28,6 @@ __all__ = [
     "SecureService",
     "SecureSession",
     "ServerProcess",
+    "client_model",
     "ServiceLimits",
 ]

@@ -105,10 +105,14 @@ def error_frame(error: BaseException, **header) -> bytes:
 
 
 def model_fingerprint(model) -> str:
-    """sha256 over the model's tensors (names, shapes, float32 values): the client compares the
-    server's with its own, so it never embeds tokens for (or applies the head of) another model."""
+    """sha256 over what a client computes with (the embedding table, the final norm's weight, the LM
+    head: names, shapes, float32 values): the client compares the server's with its own, so it never
+    embeds tokens for (or applies the head of) another model. A client's copy without the decoder
+    layers (`client_model`) has the same fingerprint as the whole model."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    tensors = {"embedding": model.get_input_embeddings().weight, "final_norm": model.model.norm.weight,
+               "lm_head": model.lm_head.weight}
+    for name, tensor in tensors.items():
         digest.update(f"{name}:{tuple(tensor.shape)};".encode())
         digest.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
     return digest.hexdigest()

@@ -130,6 +130,9 @@ def require_encryptable(model) -> None:
             "on representative text first"
         )
     config = model.config
+    if config.num_hidden_layers == 0:
+        raise ValueError("this is a client's copy of a model (no decoder layers): it drives a server "
+                         "(server='ws://...'), it cannot be one; serve the whole model")
     rotary = (config.rope_parameters or {}).get("partial_rotary_factor", 1.0)
     layout = {
         "norm_type": (config.norm_type, "rms"),

@@ -24,7 +24,8 @@ class SecureSession:
 
     Args:
         model: a calibrated polynomial-form `PolyAttnForCausalLM`. The client uses its embedding
-            table (and, with `lm_head="client"`, its final norm weight and LM head).
+            table (and, with `lm_head="client"`, its final norm weight and LM head); with a server
+            URL, its copy without decoder layers is enough (`ckks.client_model`).
         params: CKKS parameters of new keys (default `CKKSParameters()`: N=8192, 128-bit).
         client: reuse an existing `CKKSClient` (its keys) instead of making new ones.
         server: `"in-process"` (a `CKKSServer` in this process, sharing the profiler),
@@ -58,12 +59,13 @@ class SecureSession:
         token: str | None = None,
         cafile: str | None = None,
     ):
-        require_encryptable(model)
         if lm_head not in ("server", "client"):
             raise ValueError(f"lm_head must be 'server' or 'client', got {lm_head!r}")
         remote = isinstance(server, str) and server.startswith(("ws://", "wss://"))
         if server not in ("in-process", "process") and not remote:
             raise ValueError(f"server must be 'in-process', 'process' or a ws:// or wss:// URL, got {server!r}")
+        if not remote:  # a server elsewhere checks its own model; here this one is the server's
+            require_encryptable(model)
         self.model = model
         self.client = client or CKKSClient(params)
         self.lm_head = lm_head

@@ -119,9 +119,11 @@ class PolyAttnConfig(LlamaConfig):
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_hidden_layers < 0:  # 0: a client's copy (embedding, final norm, LM head; ckks.client_model)
+            raise ValueError(f"num_hidden_layers must be >= 0, got {self.num_hidden_layers}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must divide hidden_size ({self.hidden_size})"

@@ -15,7 +15,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from hf_polyattn.assets import DEFAULT_MODEL_DIR, load_default_model
-from hf_polyattn.ckks import CKKSClient, RemoteServer, SecureService, SecureSession, ServiceLimits
+from hf_polyattn.ckks import CKKSClient, RemoteServer, SecureService, SecureSession, ServiceLimits, client_model
 from hf_polyattn.ckks.client import KEY_ID_BYTES
 from hf_polyattn.ckks.protocol import CLIENT_KINDS, PROTOCOL_VERSION, SERVER_KINDS, ProtocolError, pack, unpack
 from hf_polyattn.ckks.remote import ServiceProcess
@@ -69,17 +69,22 @@ def _wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def test_three_concurrent_clients_each_get_the_plaintext_tokens_and_the_cli_uses_the_server():
+def test_three_concurrent_clients_each_get_the_plaintext_tokens_and_the_cli_uses_the_server(tmp_path):
     model, tokenizer = load_default_model()
+    slim = client_model(model)  # what a client needs: no decoder layers
+    assert slim.config.num_hidden_layers == 0 and slim.num_parameters() < model.num_parameters() / 3
+    with pytest.raises(ValueError, match="client's copy"):
+        SecureSession(slim)  # it cannot be a server
     service = ServiceProcess(DEFAULT_MODEL_DIR, "--max-sessions", "3")
     try:
         prompts = [tokenizer(text, return_tensors="pt").input_ids[:, :2] for text in ("ROMEO.", "KING", "First")]
         results, errors = {}, []
 
         def generate(index: int) -> None:
+            client_side = slim if index == 2 else model
             try:
-                with SecureSession(model, server=service.url) as session:  # its own keys
-                    results[index] = _secure(model, session, prompts[index], 2)
+                with SecureSession(client_side, server=service.url) as session:  # its own keys
+                    results[index] = _secure(client_side, session, prompts[index], 2)
             except Exception as error:  # noqa: BLE001  (reported below)
                 errors.append(error)
 
@@ -90,7 +95,10 @@ def test_three_concurrent_clients_each_get_the_plaintext_tokens_and_the_cli_uses
             thread.join(timeout=600)
         assert not errors
         assert [results[index] for index in range(3)] == [_plain(model, prompt, 2) for prompt in prompts]
-        assert main(["generate", "--secure", "--server", service.url, "--max-new-tokens", "1", "KING"]) == 0
+        slim.save_pretrained(tmp_path)
+        tokenizer.save_pretrained(tmp_path)
+        assert main(["generate", "--secure", "--server", service.url, "--model", str(tmp_path), "--max-new-tokens", "1",
+                     "KING"]) == 0
     finally:
         service.stop()
 

@@ -122,7 +122,7 @@ def test_polyattn_refuses_softmax_attention_implementations():
         (dict(attn_form="max"), "attn_form"),
         (dict(hidden_size=30), "hidden_size"),
         (dict(num_key_value_heads=3), "num_key_value_heads"),
-        (dict(num_hidden_layers=0), "num_hidden_layers"),
+        (dict(num_hidden_layers=-1), "num_hidden_layers"),
     ],
 )
 def test_bad_config_raises_naming_the_field(overrides, field):
