@@ -24,7 +24,8 @@ import tenseal as ts
 import tenseal.sealapi as sealapi
 
 from hf_polyattn.ckks.costs import best_of
-from hf_polyattn.ckks.matmul import SealBackend, bsgs_split
+from hf_polyattn.ckks.matmul import bsgs, bsgs_split
+from hf_polyattn.ckks.seal_backend import SealBackend
 from report import command_line, write_results
 
 
@@ -66,7 +67,7 @@ def diagonal_method(seal: RawSeal, ct, plains: list) -> "sealapi.Ciphertext":
 
 
 def bsgs_plains(seal: RawSeal, diags: list[np.ndarray], parms_id) -> dict:
-    """The diagonals for `SealBackend.bsgs`, valid on the first `cols` slots: unlike the
+    """The diagonals for `matmul.bsgs`, valid on the first `cols` slots: unlike the
     package's `PlaintextMatrix` (full-period diagonals, `rows` dividing the slots), this works
     for any `rows` whose periods of `x` fill the slots the rotations read."""
     rows = len(diags)
@@ -115,8 +116,8 @@ def main(argv=None) -> None:
         plains = [seal.encode(d, parms) for d in diags]  # encoded once: the weights are fixed
         t_diag, out = best_of(args.repeats, lambda: diagonal_method(seal, ct, plains))
         e_diag = np.abs(seal.decrypt(out, cols) - exact).max()
-        bsgs = bsgs_plains(seal, diags, parms)
-        t_bsgs, out = best_of(args.repeats, lambda: seal.bsgs(ct, bsgs, rows))
+        plains = bsgs_plains(seal, diags, parms)
+        t_bsgs, out = best_of(args.repeats, lambda: bsgs(seal, ct, plains, rows))
         e_bsgs = np.abs(seal.decrypt(out, cols) - exact).max()
         n1, n2 = bsgs_split(rows)
         fastest = min((t_tenseal, "TenSEAL"), (t_diag, "diagonal"), (t_bsgs, "BSGS"))[1]

@@ -8,10 +8,12 @@ from numbers import Real
 
 import tenseal as ts
 
+from . import matmul
 from .client import key_id, untag
-from .matmul import PlaintextMatrix, SealBackend, require_supported_product
+from .matmul import PlaintextMatrix, require_supported_product
 from .profiler import LatencyProfiler
 from .refresh import Refresher
+from .seal_backend import SealBackend
 
 
 class DepthExceededError(RuntimeError):
@@ -174,8 +176,8 @@ class Cipher:
         require_supported_product(matrix.rows, matrix.cols, seal.slots)
         a = self._fresh_enough()
         with self.engine.profiler.op("pt×ct matmul"):
-            if seal.supports(matrix):
-                vector = seal.matmul(a.vector, matrix)
+            if matmul.supports(seal, matrix):
+                vector = matmul.matmul(seal, a.vector, matrix)
             else:
                 vector = a.vector.matmul(matrix.as_lists())
         self.engine.levels_consumed += 1

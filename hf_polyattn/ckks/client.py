@@ -6,8 +6,8 @@ import numpy as np
 import tenseal as ts
 import tenseal.sealapi as sealapi
 
-from .matmul import SealBackend
 from .params import CKKSParameters
+from .seal_backend import SealBackend
 
 
 class RefreshRefused(RuntimeError):

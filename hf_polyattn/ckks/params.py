@@ -57,16 +57,24 @@ class CKKSParameters:
     def slots(self) -> int:
         return self.poly_modulus_degree // 2
 
+    # The ring's limits, all derived here: what the last modulus holds, what a circuit may produce
+    # (half of it: room for an approximation's overshoot and the noise), and the refresh mask.
     @property
     def max_magnitude(self) -> float:
-        """Values beyond this overflow the last modulus."""
+        """Values beyond this overflow the last modulus: no decryption of this ring can be larger."""
         return 2.0 ** (self.first_bits - self.scale_bits - 1)
+
+    @property
+    def value_bound(self) -> float:
+        """The largest value a circuit on this ring may compute (a server refuses a model whose
+        calibrated attention normaliser needs more)."""
+        return self.max_magnitude / 2
 
     @property
     def mask_bound(self) -> float:
         """`R`, the range of a refresh mask: the server adds `r ∈ [-R, R]` to values `|x| ≤ R`, so
-        the client decrypts `|x + r| ≤ 2R`, a quarter of `max_magnitude` (2^16 for the default ring)."""
-        return self.max_magnitude / 8
+        the client decrypts `|x + r| ≤ 2R`, half of `value_bound` (R = 2^16 for the default ring)."""
+        return self.value_bound / 4
 
     @property
     def precision(self) -> float:
@@ -75,6 +83,19 @@ class CKKSParameters:
     @property
     def security(self) -> str:
         return "128-bit"  # the only level __post_init__ accepts
+
+    @classmethod
+    def from_context(cls, context) -> "CKKSParameters":
+        """The parameters of a TenSEAL context (e.g. a client's public one, on a server); a chain
+        this class does not describe (`[first, scale × levels, first]`) is refused."""
+        key_data = context.seal_context().data.key_context_data()
+        chain = tuple(modulus.bit_count() for modulus in key_data.parms().coeff_modulus())
+        params = cls(poly_modulus_degree=key_data.parms().poly_modulus_degree(), levels=len(chain) - 2,
+                     scale_bits=round(math.log2(context.global_scale)), first_bits=chain[0])
+        if params.coeff_mod_bit_sizes != chain:
+            raise ValueError(f"a modulus chain {list(chain)} at scale 2^{params.scale_bits}: expected "
+                             f"{list(params.coeff_mod_bit_sizes)} ([first, scale × levels, first])")
+        return params
 
     @classmethod
     def max_levels(cls, poly_modulus_degree: int, scale_bits: int = 40, first_bits: int = 60) -> int:

@@ -7,7 +7,7 @@ import numpy as np
 import tenseal as ts
 
 from .client import untag
-from .matmul import SealBackend
+from .seal_backend import SealBackend
 
 
 class Refresher(Protocol):

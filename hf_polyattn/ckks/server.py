@@ -12,15 +12,13 @@ TenSEAL's `matmul` (`matmul.py`). Attention of query `t` runs over the encrypted
 `≤ t` kept from earlier steps (the encrypted KV cache), so a token costs one incremental step.
 """
 
-import math
-
 import numpy as np
 import torch
 
 from ..modeling.circuit import CircuitPlan, DecoderCircuit, NormSite, ShapeMatrices, symbolic_run
 from .cipher import CipherEngine
 from .matmul import PlaintextMatrix, require_supported_product
-from .params import PRECISION_LIMIT, ckks_precision
+from .params import PRECISION_LIMIT, CKKSParameters
 from .profiler import LatencyProfiler
 from .refresh import Refresher
 
@@ -188,6 +186,7 @@ class CKKSServer:
     ):
         require_encryptable(model)
         self.engine = CipherEngine(public_context, refresher, profiler)
+        self.params = CKKSParameters.from_context(self.engine.context)  # the client's ring, as the keys say
         self.hidden_size = model.config.hidden_size
         self.max_tokens = max_tokens
         self.lm_head = lm_head
@@ -200,10 +199,8 @@ class CKKSServer:
         return self.engine.profiler
 
     def precision(self) -> float:
-        """The typical absolute error of a value on this ring (`params.ckks_precision`)."""
-        context = self.engine.context
-        degree = context.seal_context().data.first_context_data().parms().poly_modulus_degree()
-        return ckks_precision(math.log2(context.global_scale), degree)
+        """The typical absolute error of a value on this ring (`CKKSParameters.precision`)."""
+        return self.params.precision
 
     def _check_budget(self) -> None:
         """Refuse, before any ciphertext exists, what the ring cannot carry."""
@@ -211,8 +208,7 @@ class CKKSServer:
         names = ("query", "value", "score_sum", "out", "gate", "down") + (("head",) if self.lm_head else ())
         for rows, cols in [shapes.matrix(name).shape for name in names] + [(self.hidden_size, self.hidden_size)]:
             require_supported_product(rows, cols, self.engine.seal.slots)
-        context = self.engine.context
-        limit = 2.0 ** (context.seal_context().data.last_context_data().total_coeff_modulus_bit_count() - math.log2(context.global_scale) - 2)
+        limit = self.params.value_bound
         for block in self.circuit_plan.blocks:
             low, high = block.attention.reciprocal.domain
             largest = max(1.0 / low, high)  # 1/x at the bottom of the domain, the powers at the top

@@ -10,7 +10,8 @@ import tenseal as ts
 from hf_polyattn.ckks import CKKSClient, CKKSParameters, ClientRoundTrip
 from hf_polyattn.ckks.cipher import CipherEngine, DepthExceededError
 from hf_polyattn.ckks.client import KEY_ID_BYTES, IntegrityError, RefreshRefused
-from hf_polyattn.ckks.matmul import PlaintextMatrix, SealBackend
+from hf_polyattn.ckks.matmul import PlaintextMatrix
+from hf_polyattn.ckks.seal_backend import SealBackend
 from hf_polyattn.modeling.polynomial import ChebyshevApproximation, InverseSqrtApproximation, ReciprocalApproximation
 
 
