@@ -25,7 +25,7 @@ class CKKSClient:
     The server gets `public_context()`: the public, relinearisation and Galois keys, never the
     secret key. A refresh decrypts and re-encrypts exactly what the server sent: values the
     server has masked with uniform noise, so the client sees the activations only through a
-    statistical hiding of about 11 bits per value (`refresh.ClientRoundTrip` states the bound).
+    statistical hiding of 7 to 19 bits per value, site by site (`refresh.ClientRoundTrip`).
     It refreshes only what an honest server can send (`refresh`), and every decrypted value is
     checked against the ring's bound (`decrypt`), so a tampered ciphertext is an error, not noise.
     """

@@ -43,6 +43,11 @@ class LatencyProfiler:
                 self.scope_seconds[self._scope] += elapsed
                 self.counts[booked] += 1
 
+    @property
+    def site(self) -> str:
+        """Where in the circuit an operation runs now: `"layer 0 / norm"` (scope / step)."""
+        return f"{self._scope} / {self._step or 'other'}"
+
     def step(self, name: str):
         """Book the basic operations inside under `name` (e.g. "reciprocal")."""
         return self._within("_step", name)

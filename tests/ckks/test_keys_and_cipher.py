@@ -232,3 +232,21 @@ def test_a_server_whose_products_tenseal_gets_wrong_is_refused_before_any_cipher
     with pytest.raises(NotImplementedError, match="48×4100 product"):
         CKKSServer(model, client.public_context(), ClientRoundTrip(client))
     CKKSServer(model, client.public_context(), ClientRoundTrip(client), lm_head=False)  # the head on the client: fine
+
+
+def test_a_latency_profile_names_its_site_and_travels_as_json_only():
+    import json
+
+    from hf_polyattn.ckks import LatencyProfiler
+
+    profiler = LatencyProfiler()
+    assert profiler.site == "model / other"
+    with profiler.scope("layer 1"), profiler.step("reciprocal"):
+        assert profiler.site == "layer 1 / reciprocal"
+        with profiler.op("ct×ct mult"):
+            pass
+    profiler.bytes["to_client"] += 7
+    again = LatencyProfiler.from_dict(json.loads(json.dumps(profiler.to_dict())))
+    assert again.counts == {"reciprocal": 1} and again.bytes["to_client"] == 7 and again.table() == profiler.table()
+    with pytest.raises(ValueError, match="not a latency profile"):
+        LatencyProfiler.from_dict({"seconds": {"x": "__import__('os')"}})
