@@ -2,6 +2,7 @@
 
     python benchmarks/secure_generation.py                        # 20 new tokens, N=8192
     python benchmarks/secure_generation.py --new-tokens 8 --server process
+    python benchmarks/secure_generation.py --server ws://127.0.0.1:8765     # against hf-polyattn serve
 
 Greedy generation from the same prompt in plaintext polynomial mode and over CKKS; checks the
 tokens are equal, and reports prefill time, time per generated token, bytes each way,
@@ -25,7 +26,8 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt", default="ROMEO.")
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--ring", type=int, default=8192, help="poly_modulus_degree")
-    parser.add_argument("--server", choices=["in-process", "process"], default="in-process")
+    parser.add_argument("--server", default="in-process",
+                        help="in-process, process, or the URL of a running `hf-polyattn serve` (ws://host:port)")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/secure_generation.md"))
     args = parser.parse_args(argv)
 
