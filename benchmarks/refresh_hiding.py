@@ -75,8 +75,7 @@ def main(argv=None) -> None:
         "the server subtracts r exactly) but headroom: on this ring R could at most double before 2R reaches what "
         "a circuit may compute, one more bit at every site.\n"
     )
-    write_results(args.results, text)
-    print(text)
+    write_results(args.results, text)  # it prints them too
 
 
 if __name__ == "__main__":

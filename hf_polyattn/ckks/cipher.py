@@ -9,7 +9,7 @@ from numbers import Real
 import tenseal as ts
 
 from . import matmul
-from .client import key_id, untag
+from .client import key_id, load_vector
 from .matmul import PlaintextMatrix, require_supported_product
 from .profiler import LatencyProfiler
 from .refresh import Refresher
@@ -52,11 +52,7 @@ class CipherEngine:
 
     def load(self, ciphertext: bytes) -> "Cipher":
         with self.profiler.op("serialization"):
-            payload = untag(ciphertext, self.key_id)
-            try:
-                vector = ts.ckks_vector_from(self.context, payload)
-            except Exception as error:  # noqa: BLE001  (TenSEAL raises bare errors on bad bytes)
-                raise ValueError(f"not a ciphertext of this context: {error}") from error
+            vector = load_vector(self.context, ciphertext, self.key_id)
         return Cipher(vector, self)
 
     def refresh(self, cipher: "Cipher") -> "Cipher":
@@ -176,7 +172,7 @@ class Cipher:
         require_supported_product(matrix.rows, matrix.cols, seal.slots)
         a = self._fresh_enough()
         with self.engine.profiler.op("pt×ct matmul"):
-            if matmul.supports(seal, matrix):
+            if matmul.supports(matrix.rows, seal.slots):
                 vector = matmul.matmul(seal, a.vector, matrix)
             else:
                 vector = a.vector.matmul(matrix.as_lists())

@@ -69,16 +69,9 @@ class CKKSClient:
         `bound` (default `params.max_magnitude`, what the ring's last level holds: every value of
         a refreshed circuit passes through it, while a flipped byte or a foreign ciphertext
         decrypts to ~1e19-1e31), `ValueError` for bytes that do not parse."""
-        values = np.asarray(self._load(ciphertext).decrypt())
+        values = np.asarray(load_vector(self._context, ciphertext, self.key_id).decrypt())
         self._check_magnitude(values, self.params.max_magnitude if bound is None else bound, IntegrityError)
         return values
-
-    def _load(self, ciphertext: bytes) -> ts.CKKSVector:
-        payload = untag(ciphertext, self.key_id)
-        try:
-            return ts.ckks_vector_from(self._context, payload)
-        except Exception as error:  # noqa: BLE001  (TenSEAL raises bare errors on bad bytes)
-            raise ValueError(f"not a ciphertext of this context: {error}") from error
 
     @staticmethod
     def _check_magnitude(values: np.ndarray, bound: float, error: type) -> None:
@@ -97,7 +90,7 @@ class CKKSClient:
         one bit (refused) at most before the session ends.
         """
         try:
-            vector = self._load(masked)
+            vector = load_vector(self._context, masked, self.key_id)
             ciphertext = vector.ciphertext()[0]
             data = self._context.seal_context().data.get_context_data(ciphertext.parms_id())
             if data is None or data.chain_index() != 0:
@@ -106,8 +99,9 @@ class CKKSClient:
                 raise ValueError(f"scale 2^{np.log2(ciphertext.scale):.1f}, not 2^{self.params.scale_bits}")
             if ciphertext.size() != 2:
                 raise ValueError(f"{ciphertext.size()} polynomials (not relinearised)")
-            if vector.size() > (max_size or self.params.slots):
-                raise ValueError(f"{vector.size()} values, more than {max_size or self.params.slots}")
+            largest = max_size or self.params.slots
+            if vector.size() > largest:
+                raise ValueError(f"{vector.size()} values, more than {largest}")
             values = np.asarray(vector.decrypt())
             self._check_magnitude(values, 2 * self.params.mask_bound, ValueError)
         except Exception as error:  # noqa: BLE001  (every failure is the same refusal)
@@ -123,6 +117,15 @@ def key_id(public_context: bytes) -> bytes:
     """A fingerprint of the public keys: ciphertexts carry it, so one made under other keys (which
     CKKS itself cannot tell apart when the parameters match) is refused instead of decrypting to noise."""
     return hashlib.sha256(public_context).digest()[:KEY_ID_BYTES]
+
+
+def load_vector(context: ts.Context, ciphertext: bytes, expected_key_id: bytes) -> ts.CKKSVector:
+    """The TenSEAL vector of a tagged ciphertext: `ValueError` for other keys' or unparsable bytes."""
+    payload = untag(ciphertext, expected_key_id)
+    try:
+        return ts.ckks_vector_from(context, payload)
+    except Exception as error:  # noqa: BLE001  (TenSEAL raises bare errors on bad bytes)
+        raise ValueError(f"not a ciphertext of this context: {error}") from error
 
 
 def untag(ciphertext: bytes, expected: bytes) -> bytes:

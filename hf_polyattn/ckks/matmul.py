@@ -34,7 +34,7 @@ def require_supported_product(rows: int, cols: int, slots: int) -> None:
     """Refuse a `(rows × cols)` plaintext product that no backend here computes correctly: rows that
     do not divide the slots leave only TenSEAL's `matmul`, which silently deviates once
     `rows + cols > slots + 1` (OpenMined/TenSEAL#504)."""
-    if slots % rows and rows + cols > slots + 1:
+    if not supports(rows, slots) and rows + cols > slots + 1:
         raise NotImplementedError(
             f"a {rows}×{cols} product on {slots} slots: {rows} rows do not divide the slots (no baby-step "
             f"giant-step) and TenSEAL's matmul is wrong when rows + cols > slots + 1 (TenSEAL#504); use a larger "
@@ -80,9 +80,9 @@ class PlaintextMatrix:
         return self._encoded[key]
 
 
-def supports(backend: SealBackend, matrix: PlaintextMatrix) -> bool:
-    """Whether BSGS takes `matrix`: its rows divide the slot count (the vector is then periodic)."""
-    return backend.slots % matrix.rows == 0
+def supports(rows: int, slots: int) -> bool:
+    """Whether BSGS takes a `rows`-row matrix: `rows` divides the slot count (the vector is then periodic)."""
+    return slots % rows == 0
 
 
 def bsgs(backend: SealBackend, ct: sealapi.Ciphertext, plains: dict, rows: int) -> sealapi.Ciphertext:

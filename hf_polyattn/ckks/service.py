@@ -217,8 +217,7 @@ class SecureService:
             connection.close(1008, "no session: " + str(error)[:100])
             return None
         connection.send(pack("welcome", session=session, max_tokens=max_tokens, lm_head=lm_head,
-                             hidden_size=self.model.config.hidden_size, model=self.fingerprint,
-                             version=PROTOCOL_VERSION))
+                             model=self.fingerprint, version=PROTOCOL_VERSION))
         return server, peer
 
     def _serve_session(self, connection, session: str) -> None:
