@@ -70,11 +70,14 @@ META = "smollm2_inputs.json"
 STEP_OVERHEAD = 1.4
 
 
-def prepare(out: Path) -> None:
-    """Write the offline inputs of `run` with the CPU recipe's settings and functions."""
+def prepare(out: Path, fewshot_episodes: int = 0) -> None:
+    """Write the offline inputs of `run` with the CPU recipe's settings and functions; with
+    `fewshot_episodes`, that many in-context episodes built from the training text
+    (`training/fewshot.py`) are added to the training blocks."""
     from hf_polyattn.training.calibrate import calibration_batches
     from hf_polyattn.training.corpora import read_texts
     from hf_polyattn.training.data import text_blocks
+    from hf_polyattn.training.fewshot import fewshot_episodes as make_episodes
     from hf_polyattn.training.pretrain import split_text
     from hf_polyattn.training.recovery import RecoverySettings
 
@@ -82,6 +85,10 @@ def prepare(out: Path) -> None:
     teacher, tokenizer = load_checkpoint(TEACHER)
     train_text, held_out_text = split_text(read_texts(settings.data))
     train = np.array(text_blocks(tokenizer, [train_text], 512)["input_ids"], dtype=np.uint16)
+    fewshot = np.zeros((0, 512), dtype=np.uint16)
+    if fewshot_episodes:
+        episodes = make_episodes([train_text], fewshot_episodes)
+        fewshot = np.array(text_blocks(tokenizer, episodes, 512)["input_ids"], dtype=np.uint16)
     calibration = torch.cat(
         calibration_batches(tokenizer, [train_text], settings.calibration_block, settings.calibration_blocks)
     ).numpy().astype(np.uint16)
@@ -91,13 +98,16 @@ def prepare(out: Path) -> None:
     )
     assert teacher.config.vocab_size <= 2**16, "token ids are stored as uint16"
     out.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out / INPUTS, train=train, calibration=calibration, held_out=held_out)
+    # `run` trains on both; the few-shot blocks stay apart so that a run can say how many it saw
+    np.savez_compressed(out / INPUTS, train=train, fewshot=fewshot, calibration=calibration, held_out=held_out)
     attention = {name: getattr(settings, name) for name in ("attn_power", "attn_eps", "attn_form")}
     meta = {"teacher_config": teacher.config.to_dict(), "data": list(settings.data), "train_tokens": int(train.size),
+            "fewshot_episodes": fewshot_episodes, "fewshot_tokens": int(fewshot.size),
             "attention": attention, "tasks": list(settings.tasks)}
     (out / META).write_text(json.dumps(meta, indent=2) + "\n")
     tokenizer.save_pretrained(out / "tokenizer")
-    print(f"wrote {out}: {train.shape[0]} training blocks of 512, {len(calibration)} calibration blocks, "
+    print(f"wrote {out}: {train.shape[0]} training blocks of 512 (+ {fewshot.shape[0]} few-shot), "
+          f"{len(calibration)} calibration blocks, "
           f"{len(held_out)} held-out blocks")
 
 
@@ -153,6 +163,8 @@ def run(args) -> None:
     data = np.load(args.inputs / INPUTS)
     meta = json.loads((args.inputs / META).read_text())
     train = torch.from_numpy(data["train"].astype(np.int64))
+    if "fewshot" in data and len(data["fewshot"]):  # in-context episodes, mixed in by the shuffle below
+        train = torch.cat([train, torch.from_numpy(data["fewshot"].astype(np.int64))])
     calibration = torch.from_numpy(data["calibration"].astype(np.int64))
     held_out = torch.from_numpy(data["held_out"].astype(np.int64))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
@@ -179,7 +191,8 @@ def run(args) -> None:
     teacher.to(device)
     student.to(device)
     results["setup"] = {"seconds": time.monotonic() - start, "init": args.init, "base_hash": base_hash,
-                        "train_tokens": int(train.numel()), "data": meta["data"]}
+                        "train_tokens": int(train.numel()), "data": meta["data"],
+                        "fewshot_tokens": meta.get("fewshot_tokens", 0)}
     results["start"] = held_out_kl_and_perplexity(student, teacher, held_out)
 
     autocast = device.type == "cuda" or native_bf16()
@@ -354,6 +367,8 @@ def main(argv=None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     prep = commands.add_parser("prepare", help="write the offline inputs (on a machine with the corpora)")
     prep.add_argument("--out", type=Path, required=True)
+    prep.add_argument("--fewshot-episodes", type=int, default=0,
+                      help="in-context episodes (about 500 tokens each) built from the training text")
     go = commands.add_parser("run", help="distil, truncate, calibrate and score")
     go.add_argument("--inputs", type=Path, required=True)
     go.add_argument("--out", type=Path, required=True)
@@ -380,7 +395,7 @@ def main(argv=None) -> None:
     table.add_argument("--results", type=Path, default=Path("benchmarks/results/conversion_smollm2_gpu.md"))
     args = parser.parse_args(argv)
     if args.command == "prepare":
-        prepare(args.out)
+        prepare(args.out, args.fewshot_episodes)
     elif args.command == "calibrate":
         calibrate(args.inputs, args.delta, args.out)
     elif args.command == "report":
