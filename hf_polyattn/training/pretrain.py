@@ -151,4 +151,7 @@ def train_language_model(
     trainer.train()
     if recorder.history.eval_loss[-1][0] != trainer.state.global_step:
         trainer.evaluate()
+    # The curve is measured under the training's precision throughout; the model goes back with its
+    # own forward, not accelerate's autocast wrapper (see training/autocast.py).
+    trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     return recorder.history

@@ -22,3 +22,19 @@ def test_training_is_reproducible_and_lowers_the_held_out_loss(tmp_path):
     assert curve[-1][1] < curve[0][1] - 0.5
     assert [step for step, _ in histories[0].grad_norm] == [3, 6, 9, 12]
     assert all(norm > 0 for _, norm in histories[0].grad_norm)
+
+
+def test_a_bf16_run_hands_the_model_back_in_fp32(tmp_path):
+    import torch
+
+    blocks = random_ids(16, 16, seed=5)
+    train = Dataset.from_dict({"input_ids": blocks.tolist(), "labels": blocks.tolist()})
+    model = tiny_model()
+    train_language_model(model, train, train.select(range(4)), tmp_path, steps=2, batch_size=8, bf16=True,
+                         use_cpu=True, progress=False)
+    seen = []
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    with torch.no_grad():
+        logits = model(blocks[:2]).logits
+    assert seen == [torch.float32]  # not silently under the autocast accelerate wrapped around it for training
+    torch.testing.assert_close(logits, type(model).forward(model, blocks[:2]).logits, rtol=0, atol=0)
