@@ -128,3 +128,21 @@ def fewshot_episodes(texts: Iterable[str], count: int, max_chars: int = 2000, se
             index = (index + rng.randint(1, 50)) % (len(pool) - 1)
         episodes.append("\n".join(lines).strip())
     return episodes
+
+
+def fewshot_blocks(tokenizer, texts: Iterable[str], block_size: int, episodes: int, seed: int = 0):
+    """`episodes` in-context episodes of `texts` (see `fewshot_episodes`), tokenised and packed into
+    `block_size` blocks like running text (`data.text_blocks`): the GPU run's inputs and the CPU
+    recipe's distillation both take their episodes from here."""
+    from .data import text_blocks
+
+    return text_blocks(tokenizer, fewshot_episodes(texts, episodes, seed=seed), block_size)
+
+
+def episodes_for_share(share: float, text_chars: int, max_chars: int = 2000) -> int:
+    """How many episodes of about `max_chars` characters make `share` of a mix with `text_chars`
+    characters of running text (an episode runs ≈ 1.2 × max_chars: it stops after the example that
+    crosses it; its characters per token are about running text's)."""
+    if not 0 <= share < 1:
+        raise ValueError(f"the few-shot share must be in [0, 1), got {share}")
+    return round(share / (1 - share) * text_chars / (1.2 * max_chars))

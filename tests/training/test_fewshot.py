@@ -54,3 +54,17 @@ def test_episodes_are_deterministic_and_refuse_bad_requests(python_docs):
         fewshot_episodes(["Too short to hold many sentences. Really it is."], count=1)
     with pytest.raises(ValueError, match="count >= 1"):
         fewshot_episodes(python_docs, count=0)
+
+
+@pytest.mark.parametrize("share", [0.1, 0.3, 0.5])
+def test_episodes_for_share_make_that_share_of_the_blocks(python_docs, share):
+    from hf_polyattn.training.data import text_blocks, train_byte_level_tokenizer
+    from hf_polyattn.training.fewshot import episodes_for_share, fewshot_blocks
+
+    text = "\n".join(python_docs)
+    tokenizer = train_byte_level_tokenizer([text], vocab_size=400)
+    running = len(text_blocks(tokenizer, [text], 64))
+    episodes = len(fewshot_blocks(tokenizer, [text], 64, episodes_for_share(share, len(text))))
+    assert episodes / (episodes + running) == pytest.approx(share, abs=0.03)
+    with pytest.raises(ValueError, match="share must be in"):
+        episodes_for_share(1.0, len(text))

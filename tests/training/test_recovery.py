@@ -65,6 +65,7 @@ def test_recovery_runs_every_stage_then_resumes_without_redoing_them(teacher_fol
     assert rows["teacher"]["kl"] == pytest.approx(0, abs=1e-5)
     assert rows["transferred"]["kl"] < rows["converted"]["kl"]
     assert rows["distilled"]["kl"] < 0.7 * rows["converted"]["kl"]
+    assert state["stages"]["distilled"]["fewshot_share"] == pytest.approx(0.3, abs=0.05)  # episodes in the mix
     assert rows["teacher"]["piqa"]["n"] == 6 and rows["converted"]["piqa"]["n"] == 4  # final vs intermediate rows
     polynomial = AutoModelForCausalLM.from_pretrained(out / "polynomial")
     assert polynomial.is_polynomial and polynomial.config.polynomial["calibrated"]
