@@ -164,6 +164,7 @@ def _recover(args: argparse.Namespace) -> int:
             data=tuple(args.data or ()), transfer_tokens=args.transfer_tokens, eval_limit=args.eval_limit,
             quick_eval_limit=args.quick_eval_limit, redo=args.redo,
             **({"tasks": tuple(args.tasks.split(","))} if args.tasks else {}),
+            **({"fewshot_share": args.fewshot_share} if args.fewshot_share is not None else {}),
         )
     except ValueError as error:  # a bad budget, a mismatched resume: said before any work
         print(f"hf-polyattn: {error}", file=sys.stderr)
@@ -348,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--budget", default="2h30m", help="with --recover: wall time, e.g. 2h30m, 90m")
     convert.add_argument("--data", nargs="*", help="with --recover: training text (default: shakespeare bigbench)")
     convert.add_argument("--transfer-tokens", type=int, default=65536, help="with --recover: attention-transfer tokens")
+    convert.add_argument("--fewshot-share", type=float,
+                         help="with --recover: share of the distillation blocks that are in-context episodes made from "
+                              "the training text (default: RecoverySettings.fewshot_share; 0 for running text only)")
     convert.add_argument("--tasks", help="with --recover: benchmark tasks (default: the five MC tasks, lambada, arc_easy_5shot)")
     convert.add_argument("--eval-limit", type=int, default=500, help="with --recover: items per task, final rows")
     convert.add_argument("--quick-eval-limit", type=int, default=100, help="with --recover: items per task, intermediate rows")

@@ -119,6 +119,8 @@ class RecoverySettings:
         self.tasks = tuple(self.tasks)
         self.data = tuple(self.data or RECOVERY_CORPORA)
         self.evaluate_stages = tuple(self.evaluate_stages)
+        if not 0 <= self.fewshot_share < 1:
+            raise ValueError(f"fewshot_share must be in [0, 1), got {self.fewshot_share}")
         unknown = set(self.evaluate_stages) - {"teacher", "converted", *STAGES}
         if unknown:
             raise ValueError(f"unknown stages to evaluate {sorted(unknown)}; known: teacher, converted, {', '.join(STAGES)}")

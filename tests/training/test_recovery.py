@@ -42,6 +42,15 @@ def test_parse_budget():
             parse_budget(bad)
 
 
+def test_a_few_shot_share_outside_0_1_is_refused_before_any_work(teacher_folder, tmp_path):
+    for share in (1.0, -0.1):
+        with pytest.raises(ValueError, match="fewshot_share must be in"):
+            Recovery(settings(teacher_folder, fewshot_share=share), tmp_path / "out", progress=False)
+    assert cli_main(["convert", "--from", str(teacher_folder / "llama"), "--out", str(tmp_path / "cli"), "--recover",
+                     "--fewshot-share", "1"]) == 2
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cli").exists()
+
+
 def test_a_budget_too_small_for_one_stage_is_refused_before_any_work(teacher_folder, tmp_path):
     with pytest.raises(ValueError, match="too small for the next stage .transferred"):
         Recovery(settings(teacher_folder), tmp_path / "out", progress=False).run(5)
