@@ -10,13 +10,33 @@ cryptography); importing `hf_polyattn` plugs in the CKKS session below as its de
         print(session.report())                                        # where the encrypted time went
 """
 
-from .ckks.session import SecureSession
+from typing import TYPE_CHECKING
+
 from .modeling.secure_generation import SecureGenerationMixin
 
+if TYPE_CHECKING:
+    from .ckks.session import SecureSession
 
-def default_session(model) -> SecureSession:
+
+def _session_class() -> type:
+    # TenSEAL (and the service's websockets) load when encryption is first asked for, so that
+    # training or evaluating after `import hf_polyattn` needs neither (a GPU box carried both only to import us)
+    try:
+        from .ckks.session import SecureSession
+    except ImportError as error:
+        raise ImportError(f"secure generation needs hf_polyattn's CKKS dependencies (tenseal, websockets): {error}") from error
+    return SecureSession
+
+
+def default_session(model) -> "SecureSession":
     """New CKKS keys (128-bit, N=8192) and an in-process server with a progress bar."""
-    return SecureSession(model, progress=True)
+    return _session_class()(model, progress=True)
+
+
+def __getattr__(name: str):
+    if name == "SecureSession":
+        return _session_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def register() -> None:

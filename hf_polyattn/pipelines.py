@@ -3,9 +3,6 @@
 from transformers import AutoModelForCausalLM, TextGenerationPipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-# Absolute import: this file is shipped as-is next to a pushed model (its `custom_pipelines`).
-from hf_polyattn.ckks.session import SecureSession
-
 TASK = "secure-text-generation"
 
 
@@ -32,6 +29,10 @@ class SecureTextGenerationPipeline(TextGenerationPipeline):
     def _forward(self, model_inputs, session=None, server="in-process", **generate_kwargs):
         if model_inputs["input_ids"].shape[1] == 0:
             raise ValueError("secure generation needs a non-empty prompt")
+        # Absolute import: this file is shipped as-is next to a pushed model (its `custom_pipelines`);
+        # imported here so that TenSEAL loads only when encryption is asked for
+        from hf_polyattn.ckks.session import SecureSession
+
         own = session is None
         session = session or SecureSession(self.model, server=server, progress=True)
         try:
