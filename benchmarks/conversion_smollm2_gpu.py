@@ -77,7 +77,7 @@ def prepare(out: Path, fewshot_episodes: int = 0) -> None:
     from hf_polyattn.training.calibrate import calibration_batches
     from hf_polyattn.training.corpora import read_texts
     from hf_polyattn.training.data import text_blocks
-    from hf_polyattn.training.fewshot import fewshot_episodes as make_episodes
+    from hf_polyattn.training.fewshot import fewshot_blocks
     from hf_polyattn.training.pretrain import split_text
     from hf_polyattn.training.recovery import RecoverySettings
 
@@ -87,8 +87,7 @@ def prepare(out: Path, fewshot_episodes: int = 0) -> None:
     train = np.array(text_blocks(tokenizer, [train_text], 512)["input_ids"], dtype=np.uint16)
     fewshot = np.zeros((0, 512), dtype=np.uint16)
     if fewshot_episodes:
-        episodes = make_episodes([train_text], fewshot_episodes)
-        fewshot = np.array(text_blocks(tokenizer, episodes, 512)["input_ids"], dtype=np.uint16)
+        fewshot = np.array(fewshot_blocks(tokenizer, [train_text], 512, fewshot_episodes)["input_ids"], dtype=np.uint16)
     calibration = torch.cat(
         calibration_batches(tokenizer, [train_text], settings.calibration_block, settings.calibration_blocks)
     ).numpy().astype(np.uint16)
@@ -103,6 +102,7 @@ def prepare(out: Path, fewshot_episodes: int = 0) -> None:
     attention = {name: getattr(settings, name) for name in ("attn_power", "attn_eps", "attn_form")}
     meta = {"teacher_config": teacher.config.to_dict(), "data": list(settings.data), "train_tokens": int(train.size),
             "fewshot_episodes": fewshot_episodes, "fewshot_tokens": int(fewshot.size),
+            "command": command_line(__file__, None),
             "attention": attention, "tasks": list(settings.tasks)}
     (out / META).write_text(json.dumps(meta, indent=2) + "\n")
     tokenizer.save_pretrained(out / "tokenizer")
@@ -192,7 +192,7 @@ def run(args) -> None:
     student.to(device)
     results["setup"] = {"seconds": time.monotonic() - start, "init": args.init, "base_hash": base_hash,
                         "train_tokens": int(train.numel()), "data": meta["data"],
-                        "fewshot_tokens": meta.get("fewshot_tokens", 0)}
+                        "fewshot_tokens": meta.get("fewshot_tokens", 0), "inputs": meta.get("command")}
     results["start"] = held_out_kl_and_perplexity(student, teacher, held_out)
 
     autocast = device.type == "cuda" or native_bf16()
@@ -326,13 +326,17 @@ def report(run_path: Path, rows: list[str], fidelity_rows: list[str], results: P
         f, depth = row["fidelity"], row["depth"]
         faithful.append(f"| {name} | {100 * f['top1_agreement']:.2f} % | {f['ppl_exact']:.2f} → {f['ppl_poly']:.2f} | "
                         f"{f['max_dlogit']:.2f} | {depth['total']} ({min(depth['blocks'])}–{max(depth['blocks'])}) |")
+    episodes = run["setup"].get("fewshot_tokens", 0)
+    fewshot = f"; {episodes / 1e6:.1f}M of them are in-context episodes built from that text, training/fewshot.py" if episodes else ""
     text = (
-        "# SmolLM2-135M PolyAttn: GPU distillation on top of the CPU recipe\n\n"
+        "# SmolLM2-135M PolyAttn: GPU distillation continuing a CPU-recovered model\n\n"
         f"GPU run on {run['device']} (torch {run['torch']}): `{run['command']}`. "
         f"Distillation: {distilled['steps']} steps of 32×512 tokens = {distilled['tokens'] / 1e6:.1f}M tokens in "
         f"{distilled['seconds']:.0f} s ({distilled['tokens_per_second']:,.0f} tokens/s, bf16 autocast, live teacher, eager), "
         f"on the recipe's text ({' + '.join(run['setup']['data'])}, {run['setup']['train_tokens'] / 1e6:.1f}M tokens: "
-        f"{distilled['tokens'] / run['setup']['train_tokens']:.1f} epochs). Report: `{command_line(__file__, None)}`.\n\n"
+        f"{distilled['tokens'] / run['setup']['train_tokens']:.1f} epochs{fewshot}). "
+        + (f"Inputs: `{run['setup']['inputs']}`. " if run["setup"].get("inputs") else "")
+        + f"Report: `{command_line(__file__, None)}`.\n\n"
         "First 500 items of each task (ARC-C: all 299), acc_norm; rows other than the GPU ones were scored "
         "with `hf-polyattn eval --limit 500` on the CPU on the same items."
         + (f" Note: {run['autocast_note']}." if run.get("autocast_note") else "") + "\n\n" + "\n".join(lines) + "\n\n"
