@@ -43,7 +43,7 @@ from .distill import Deadline, DistillationTrainer, merge_trained, native_bf16, 
 from .fewshot import episodes_for_share, fewshot_blocks
 from .pretrain import split_text
 from .storage import write_json_atomic
-from .teacher_cache import build_teacher_cache, reachable_blocks
+from .teacher_cache import build_teacher_cache, reachable_blocks, teacher_topk
 
 STATE = "state.json"
 STAGES = ("transferred", "distilled", "polynomial")  # "converted" is recomputed from the teacher in seconds
@@ -300,16 +300,22 @@ class Recovery:
         tokens_per_step = s.distill_batch * s.distill_block
         # Plan the steps the time allows (the cache is built for exactly those blocks, so a resume
         # with the same plan reuses it); the deadline callback guards a slower machine.
+        # running text and in-context episodes (`fewshot_share` of the mix), shuffled together
+        mix = text_blocks(tokenizer, [train_text], s.distill_block)
         planned = self.state.get("distill_steps")
         if planned is None:
-            cache_share = DISTILL_TOKENS_PER_SECOND / CACHE_TOKENS_PER_SECOND
-            planned = max(1, int(seconds * DISTILL_TOKENS_PER_SECOND / (1 + cache_share) / tokens_per_step))
+            # Both rates are this model's on this machine: the cache's is timed, the training's scaled
+            # from it by SmolLM2's ratio (both scale with the forward's cost). Gemma 3 270M caches
+            # 4x slower than SmolLM2 (its 262k-word head); SmolLM2's constants left it 1 step.
+            cache_rate = measure_cache_rate(teacher, mix, s.topk, bf16)
+            distill_rate = cache_rate * DISTILL_TOKENS_PER_SECOND / CACHE_TOKENS_PER_SECOND
+            planned = max(1, int(seconds / (1 / cache_rate + 1 / distill_rate) / tokens_per_step))
             if s.distill_max_tokens:
                 planned = min(planned, max(1, s.distill_max_tokens // tokens_per_step))
             self.state["distill_steps"] = planned
+            self.state["distill_plan"] = {"seconds": seconds, "cache_tokens_per_second": cache_rate,
+                                          "distill_tokens_per_second": distill_rate}
             self._save_state()
-        # running text and in-context episodes (`fewshot_share` of the mix), shuffled together
-        mix = text_blocks(tokenizer, [train_text], s.distill_block)
         fewshot = 0
         if s.fewshot_share:
             count = max(1, episodes_for_share(s.fewshot_share, len(train_text)))
@@ -383,6 +389,17 @@ def _requests_per_item(task: str) -> int:
     return {"hellaswag": 4, "arc_easy": 4, "arc_challenge": 4, "lambada": 1}.get(task.removesuffix("_5shot"), 2) * (
         6 if task.endswith("_5shot") else 1  # five worked examples make each request ~6x longer
     )
+
+
+def measure_cache_rate(teacher, blocks, k: int, bf16: bool, count: int = 2) -> float:
+    """Tokens per second of the teacher's top-k cache on this machine: `count` of `blocks`
+    (a `datasets.Dataset` of `input_ids`) timed after one warm-up block."""
+    ids = torch.tensor(blocks.select(range(min(len(blocks), count + 1)))["input_ids"])
+    autocast_dtype = torch.bfloat16 if bf16 else None
+    teacher_topk(teacher, ids[:1], k, autocast_dtype=autocast_dtype)
+    start = time.perf_counter()
+    teacher_topk(teacher, ids[1:], k, autocast_dtype=autocast_dtype)
+    return ids[1:].numel() / (time.perf_counter() - start)
 
 
 def recover(teacher: str = "smollm2", out_dir: str | Path = "runs/recovered", budget: str | float = "2h30m",

@@ -75,6 +75,11 @@ def test_recovery_runs_every_stage_then_resumes_without_redoing_them(teacher_fol
     assert rows["transferred"]["kl"] < rows["converted"]["kl"]
     assert rows["distilled"]["kl"] < 0.7 * rows["converted"]["kl"]
     assert state["stages"]["distilled"]["fewshot_share"] == pytest.approx(0.3, abs=0.05)  # episodes in the mix
+    # the distillation was planned from this teacher's cache rate, timed here, not SmolLM2's constants
+    plan, tokens_per_step = state["distill_plan"], SMALL["distill_block"] * 4
+    assert plan["distill_tokens_per_second"] == pytest.approx(plan["cache_tokens_per_second"] * 340 / 1200)
+    fitting = int(plan["seconds"] / (1 / plan["cache_tokens_per_second"] + 1 / plan["distill_tokens_per_second"]) / tokens_per_step)
+    assert state["distill_steps"] == min(max(1, fitting), SMALL["distill_max_tokens"] // tokens_per_step)
     assert rows["teacher"]["piqa"]["n"] == 6 and rows["converted"]["piqa"]["n"] == 4  # final vs intermediate rows
     polynomial = AutoModelForCausalLM.from_pretrained(out / "polynomial")
     assert polynomial.is_polynomial and polynomial.config.polynomial["calibrated"]
