@@ -132,8 +132,10 @@ def test_a_client_killed_mid_sequence_frees_its_session_and_memory(tiny, served,
         baseline = _rss_mb(served.pid)
         for _ in range(2):
             kill_a_client_mid_sequence()
-        # an open session holds 70-200 MB (keys, KV cache, encoded weights): two came and went, none stayed
-        assert _rss_mb(served.pid) < baseline + 40
+        # an open session holds 70-200 MB (keys, KV cache, encoded weights): two came and went, none stayed.
+        # The server frees a session's slot first (a client may reconnect at once), then its memory
+        # (gc, malloc_trim): read right after the count dropped, CI once saw 69 MB still held.
+        _wait_for(lambda: _rss_mb(served.pid) < baseline + 40, 30, "the killed clients' memory was not freed")
     finally:
         watcher.close()
 
