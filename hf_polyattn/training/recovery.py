@@ -394,6 +394,8 @@ def _requests_per_item(task: str) -> int:
 def measure_cache_rate(teacher, blocks, k: int, bf16: bool, count: int = 2) -> float:
     """Tokens per second of the teacher's top-k cache on this machine: `count` of `blocks`
     (a `datasets.Dataset` of `input_ids`) timed after one warm-up block."""
+    if len(blocks) < 2:  # nothing to time after the warm-up: SmolLM2's rate
+        return CACHE_TOKENS_PER_SECOND
     ids = torch.tensor(blocks.select(range(min(len(blocks), count + 1)))["input_ids"])
     autocast_dtype = torch.bfloat16 if bf16 else None
     teacher_topk(teacher, ids[:1], k, autocast_dtype=autocast_dtype)
