@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from .ckks.session import SecureSession
 
 
-def _session_class() -> type:
+def secure_session_class() -> type:
+    """`SecureSession`, imported on first use with an error naming what is missing."""
     # TenSEAL (and the service's websockets) load when encryption is first asked for, so that
     # training or evaluating after `import hf_polyattn` needs neither (a GPU box carried both only to import us)
     try:
@@ -30,12 +31,12 @@ def _session_class() -> type:
 
 def default_session(model) -> "SecureSession":
     """New CKKS keys (128-bit, N=8192) and an in-process server with a progress bar."""
-    return _session_class()(model, progress=True)
+    return secure_session_class()(model, progress=True)
 
 
 def __getattr__(name: str):
     if name == "SecureSession":
-        return _session_class()
+        return secure_session_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -43,4 +44,4 @@ def register() -> None:
     SecureGenerationMixin.secure_session_factory = staticmethod(default_session)
 
 
-__all__ = ["SecureSession", "default_session", "register"]
+__all__ = ["SecureSession", "default_session", "register", "secure_session_class"]

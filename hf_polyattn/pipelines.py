@@ -29,12 +29,11 @@ class SecureTextGenerationPipeline(TextGenerationPipeline):
     def _forward(self, model_inputs, session=None, server="in-process", **generate_kwargs):
         if model_inputs["input_ids"].shape[1] == 0:
             raise ValueError("secure generation needs a non-empty prompt")
-        # Absolute import: this file is shipped as-is next to a pushed model (its `custom_pipelines`);
-        # imported here so that TenSEAL loads only when encryption is asked for
-        from hf_polyattn.ckks.session import SecureSession
+        # Absolute import: this file is shipped as-is next to a pushed model (its `custom_pipelines`)
+        from hf_polyattn.generation import secure_session_class
 
         own = session is None
-        session = session or SecureSession(self.model, server=server, progress=True)
+        session = session or secure_session_class()(self.model, server=server, progress=True)
         try:
             outputs = super()._forward(model_inputs, session=session, **generate_kwargs)
             outputs["latency_report"] = session.report()

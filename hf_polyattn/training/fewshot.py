@@ -12,6 +12,8 @@ import random
 import re
 from collections.abc import Callable, Iterable
 
+from .data import text_blocks
+
 # the label pairs an episode uses for its inputs and outputs (one pair per episode)
 LABELS = (("Q:", "A:"), ("Question:", "Answer:"), ("Input:", "Output:"), ("Text:", "Answer:"),
           ("Sentence:", "Answer:"))
@@ -134,8 +136,6 @@ def fewshot_blocks(tokenizer, texts: Iterable[str], block_size: int, episodes: i
     """`episodes` in-context episodes of `texts` (see `fewshot_episodes`), tokenised and packed into
     `block_size` blocks like running text (`data.text_blocks`): the GPU run's inputs and the CPU
     recipe's distillation both take their episodes from here."""
-    from .data import text_blocks
-
     return text_blocks(tokenizer, fewshot_episodes(texts, episodes, seed=seed), block_size)
 
 
