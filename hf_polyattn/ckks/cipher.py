@@ -10,7 +10,7 @@ import tenseal as ts
 
 from . import matmul
 from .client import key_id, load_vector
-from .matmul import PlaintextMatrix, require_supported_product
+from .matmul import EncodingBudget, PlaintextMatrix, require_supported_product
 from .profiler import LatencyProfiler
 from .refresh import Refresher
 from .seal_backend import SealBackend
@@ -22,13 +22,14 @@ class DepthExceededError(RuntimeError):
 
 class CipherEngine:
     """What every `Cipher` of one server shares: the public context, the refresh strategy, the
-    profiler, and the level accounting."""
+    profiler, the level accounting, and how many encoded diagonals its products may keep."""
 
     def __init__(
         self,
         public_context: bytes,
         refresher: Refresher | None,
         profiler: LatencyProfiler | None = None,
+        encoding_budget: EncodingBudget | None = None,
     ):
         context = ts.context_from(public_context)
         if context.is_private():
@@ -41,6 +42,7 @@ class CipherEngine:
         self.top_level = self._context_data.first_context_data().chain_index()
         self.levels_consumed = 0  # every level any ciphertext used up (what the planner predicts)
         self.seal = SealBackend(context)
+        self.encoding_budget = encoding_budget or EncodingBudget()
 
     def level(self, vector: ts.CKKSVector) -> int:
         """Multiplications `vector` can still take."""
@@ -161,9 +163,9 @@ class Cipher:
             return Cipher(-self.vector, self.engine)
 
     def matmul(self, matrix: "PlaintextMatrix | list[list[float]]") -> "Cipher":
-        """`self @ matrix` for a plaintext `(size × n)` matrix: baby-step giant-step on raw SEAL
-        when the matrix's row count divides the slot count (see `matmul.py`), else TenSEAL's, which
-        is refused where it is known to be wrong (rows + cols > slots + 1)."""
+        """`self @ matrix` for a plaintext `(size × n)` matrix: baby-step giant-step on raw SEAL (see
+        `matmul.py`), refused where the replicated layout is wrong (rows + cols > slots + 1 when
+        the rows do not divide the slots)."""
         if not isinstance(matrix, PlaintextMatrix):
             matrix = PlaintextMatrix(matrix)
         if matrix.rows != self.size:
@@ -172,10 +174,7 @@ class Cipher:
         require_supported_product(matrix.rows, matrix.cols, seal.slots)
         a = self._fresh_enough()
         with self.engine.profiler.op("pt×ct matmul"):
-            if matmul.supports(matrix.rows, seal.slots):
-                vector = matmul.matmul(seal, a.vector, matrix)
-            else:
-                vector = a.vector.matmul(matrix.as_lists())
+            vector = matmul.matmul(seal, a.vector, matrix, self.engine.encoding_budget)
         self.engine.levels_consumed += 1
         return Cipher(vector, self.engine)
 

@@ -36,8 +36,8 @@ class CKKSClient:
             ts.SCHEME_TYPE.CKKS,
             poly_modulus_degree=self.params.poly_modulus_degree,
             coeff_mod_bit_sizes=list(self.params.coeff_mod_bit_sizes),
-            # An asymmetric context, so the server gets a public key: TenSEAL's own matmul (the
-            # fallback for shapes BSGS does not take) encrypts internally and fails without one.
+            # An asymmetric context, so the server gets a public key: TenSEAL operations that
+            # encrypt internally (its own `matmul`, `encrypt_zero`) fail without one.
         )
         self._context.global_scale = 2.0**self.params.scale_bits
         self._context.generate_galois_keys()

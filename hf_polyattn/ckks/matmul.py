@@ -1,20 +1,25 @@
-"""Plaintext-matrix × ciphertext products by baby-step giant-step (BSGS) on raw SEAL.
+"""Plaintext-matrix × ciphertext products by baby-step giant-step (BSGS) on raw SEAL, for every shape.
 
-TenSEAL encrypts a vector `x` of `rows` values repeated with period `rows` across all slots (and
-its own `matmul` keeps that layout). When `rows` divides the slot count, `x` is exactly periodic,
-so `y = x @ W` is `Σ_{k<rows} rot(x, k) ⊙ d_k` with `d_k[j] = W[(j + k) mod rows, j mod cols]`
-over every slot `j`: the output comes out periodic with period `cols`, the layout every other
-operation expects, with no replication or masking step. BSGS writes `k = g·n1 + b` and
-pre-rotates the diagonals (plaintexts) by `g·n1`: `n1 - 1 + n2 - 1 ≈ 2√rows` rotations instead of
-one per row, chained by 1 and by `n1` (both in TenSEAL's power-of-two Galois key set). Diagonals
-are encoded once per level and kept: the weights are fixed.
+TenSEAL encrypts a vector `x` of `rows` values repeated across all slots (`np.resize`: period
+`rows`, the last copy cut short when `rows` does not divide the slot count). Its `matmul` computes
+`y = Σ_{k<rows} rot(x, k) ⊙ d_k` with `d_k[j] = W[(j + k) mod rows, j mod cols]` over every slot
+`j`. BSGS computes the same sum with the same diagonals: write `k = g·n1 + b` and pre-rotate the
+diagonals (plaintexts) by `g·n1`; rotations are exact on the cyclic slots, so the result is
+TenSEAL's slot for slot, with `n1 - 1 + n2 - 1 ≈ 2√rows` rotations instead of one per row, chained
+by 1 and by `n1` (both in TenSEAL's power-of-two Galois key set). Diagonals are encoded once per
+level and kept: the weights are fixed.
 
-`benchmarks/ckks_matmul_methods.py` measured it 5–7× faster than TenSEAL's `matmul` on the
-shapes of our models; shapes whose `rows` does not divide the slot count use TenSEAL's, within
-the size where it is right (`require_supported_product`).
+Where `rows` divides the slots, `x` is exactly periodic and `y` is right in every slot (period
+`cols`). Elsewhere output slot `j < cols` reads `x` at slots `j + k`, which wrap past the last
+(cut) copy once `rows + cols > slots + 1`: `require_supported_product` refuses those shapes, the
+bound TenSEAL's own `matmul` silently breaks (OpenMined/TenSEAL#504). Products whose rows do not
+divide the slots (SmolLM2's 576 and 1536) used to go to TenSEAL's `matmul`, 5–12× slower
+(`benchmarks/ckks_matmul_methods.py`).
 """
 
 import math
+import os
+import weakref
 
 import numpy as np
 import tenseal as ts
@@ -31,57 +36,111 @@ def bsgs_split(rows: int) -> tuple[int, int]:
 
 
 def require_supported_product(rows: int, cols: int, slots: int) -> None:
-    """Refuse a `(rows × cols)` plaintext product that no backend here computes correctly: rows that
-    do not divide the slots leave only TenSEAL's `matmul`, which silently deviates once
-    `rows + cols > slots + 1` (OpenMined/TenSEAL#504)."""
-    if not supports(rows, slots) and rows + cols > slots + 1:
+    """Refuse a `(rows × cols)` plaintext product the replicated layout gets wrong: rows that do not
+    divide the slots leave `x` periodic only up to its last, cut copy, and the product's output
+    reads past it once `rows + cols > slots + 1` (where TenSEAL's `matmul` silently deviates,
+    OpenMined/TenSEAL#504)."""
+    if not periodic(rows, slots) and rows + cols > slots + 1:
         raise NotImplementedError(
-            f"a {rows}×{cols} product on {slots} slots: {rows} rows do not divide the slots (no baby-step "
-            f"giant-step) and TenSEAL's matmul is wrong when rows + cols > slots + 1 (TenSEAL#504); use a larger "
-            "ring, or the LM head on the client (lm_head='client')"
+            f"a {rows}×{cols} product on {slots} slots: {rows} rows do not divide the slots, and the replicated "
+            f"layout is wrong when rows + cols > slots + 1 (TenSEAL#504); use a larger ring, or the LM head on the "
+            "client (lm_head='client')"
         )
 
 
-class PlaintextMatrix:
-    """A fixed `(rows × cols)` weight matrix, with its BSGS diagonals encoded on demand."""
+def available_memory_bytes() -> int:
+    """Memory the system can still give this process (Linux `MemAvailable`, else free pages)."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
-    def __init__(self, matrix):
+
+class EncodingBudget:
+    """How many bytes of encoded diagonals the matrices of one engine may keep.
+
+    A plaintext at N=8192 with three primes is 196 KB, so one SmolLM2 layer's diagonals take ~1 GB
+    and all 30 layers would not fit in memory. Matrices are kept first come, first kept, until the
+    budget is spent; the rest are encoded again at each use (0.4 ms a diagonal). Not an LRU: a
+    step walks the layers in the same order every token, and an LRU smaller than that cycle evicts
+    every matrix just before its next use.
+
+    Args:
+        max_bytes: the budget; default half of the memory available when it is made.
+    """
+
+    def __init__(self, max_bytes: int | None = None):
+        self.max_bytes = available_memory_bytes() // 2 if max_bytes is None else int(max_bytes)
+        if self.max_bytes < 0:
+            raise ValueError(f"an encoding budget cannot be negative, got {max_bytes}")
+        self.kept_bytes = 0
+        self.encoded_again = 0  # diagonals encoded for a single product (past the budget)
+
+    def keep(self, nbytes: int) -> bool:
+        """Whether `nbytes` more may be kept (and, if so, counts them as kept)."""
+        if self.kept_bytes + nbytes > self.max_bytes:
+            return False
+        self.kept_bytes += nbytes
+        return True
+
+    def release(self, nbytes: int) -> None:
+        """`nbytes` kept before are free again (their matrix is gone)."""
+        self.kept_bytes -= nbytes
+
+
+class PlaintextMatrix:
+    """A fixed `(rows × cols)` weight matrix, with its BSGS diagonals encoded on demand.
+
+    `reusable=False`: a matrix used for one product (a position's RoPE-folded projection) is
+    encoded for that product and never kept, so it spends no encoding budget.
+    """
+
+    def __init__(self, matrix, reusable: bool = True):
+        self.reusable = reusable
         self.matrix = np.asarray(matrix, dtype=np.float64)
         if self.matrix.ndim != 2:
             raise ValueError(f"a plaintext matrix must be 2-D, got shape {self.matrix.shape}")
         self.rows, self.cols = self.matrix.shape
-        self._lists: list | None = None
         self._encoded: dict[tuple, dict] = {}
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.rows, self.cols
 
-    def as_lists(self) -> list:
-        """Nested lists, for TenSEAL's own `matmul`."""
-        if self._lists is None:
-            self._lists = self.matrix.tolist()
-        return self._lists
-
-    def plaintexts(self, backend: SealBackend, parms_id) -> dict:
-        """`{(g, b): diagonal g·n1 + b, pre-rotated by g·n1}` encoded at `parms_id`'s level."""
+    def plaintexts(self, backend: SealBackend, parms_id, budget: EncodingBudget | None = None) -> dict:
+        """`{(g, b): diagonal g·n1 + b, pre-rotated by g·n1}` encoded at `parms_id`'s level; kept
+        for the next product while `budget` allows (always, without one)."""
         key = tuple(parms_id)
-        if key not in self._encoded:
-            slots = backend.slots
-            n1, _ = bsgs_split(self.rows)
-            j = np.arange(slots)
-            encoded = {}
-            for k in range(self.rows):
-                g, b = divmod(k, n1)
-                diagonal = self.matrix[(j + k) % self.rows, j % self.cols]
-                if diagonal.any():  # a zero diagonal adds nothing (and SEAL refuses its product)
-                    encoded[(g, b)] = backend.encode(np.roll(diagonal, g * n1), parms_id)
+        if key in self._encoded:
+            return self._encoded[key]
+        slots = backend.slots
+        n1, _ = bsgs_split(self.rows)
+        j = np.arange(slots)
+        encoded = {}
+        for k in range(self.rows):
+            g, b = divmod(k, n1)
+            diagonal = self.matrix[(j + k) % self.rows, j % self.cols]
+            if diagonal.any():  # a zero diagonal adds nothing (and SEAL refuses its product)
+                encoded[(g, b)] = backend.encode(np.roll(diagonal, g * n1), parms_id)
+        if not self.reusable:
+            return encoded
+        nbytes = sum(plain.coeff_count() for plain in encoded.values()) * 8
+        if budget is None or budget.keep(nbytes):
             self._encoded[key] = encoded
-        return self._encoded[key]
+            if budget is not None:  # a matrix dropped (a past position's) gives its bytes back
+                weakref.finalize(self, budget.release, nbytes)
+        else:
+            budget.encoded_again += len(encoded)
+        return encoded
 
 
-def supports(rows: int, slots: int) -> bool:
-    """Whether BSGS takes a `rows`-row matrix: `rows` divides the slot count (the vector is then periodic)."""
+def periodic(rows: int, slots: int) -> bool:
+    """Whether a `rows`-value vector fills the slots with whole copies (`rows` divides the slot
+    count): its products are then right in every slot, whatever their width."""
     return slots % rows == 0
 
 
@@ -106,10 +165,11 @@ def bsgs(backend: SealBackend, ct: sealapi.Ciphertext, plains: dict, rows: int) 
     return total
 
 
-def matmul(backend: SealBackend, vector: ts.CKKSVector, matrix: PlaintextMatrix) -> ts.CKKSVector:
-    """`vector @ matrix` by BSGS; one level, like TenSEAL's `matmul`."""
+def matmul(backend: SealBackend, vector: ts.CKKSVector, matrix: PlaintextMatrix,
+           budget: EncodingBudget | None = None) -> ts.CKKSVector:
+    """`vector @ matrix` by BSGS; one level, like TenSEAL's `matmul`, and the same slots."""
     ct = vector.ciphertext()[0]
-    total = bsgs(backend, ct, matrix.plaintexts(backend, ct.parms_id()), matrix.rows)
+    total = bsgs(backend, ct, matrix.plaintexts(backend, ct.parms_id(), budget), matrix.rows)
     # As TenSEAL does after every rescale: the prime is ≈ the scale, so call the scale exact
     # (otherwise later additions of constants fail on a "scale mismatch").
     total.scale = backend.scale

@@ -17,7 +17,7 @@ import torch
 
 from ..modeling.circuit import CircuitPlan, DecoderCircuit, NormSite, ShapeMatrices, symbolic_run
 from .cipher import CipherEngine
-from .matmul import PlaintextMatrix, require_supported_product
+from .matmul import EncodingBudget, PlaintextMatrix, require_supported_product
 from .params import PRECISION_LIMIT, CKKSParameters
 from .profiler import LatencyProfiler
 from .refresh import Refresher
@@ -45,8 +45,11 @@ class LayerMatrices:
         attention = layer.self_attn
         heads, kv_heads, head_dim = plan.heads, plan.kv_heads, plan.head_dim
         group = heads // kv_heads
-        gamma1 = layer.input_layernorm.weight.detach().double().numpy()[:, None]
-        gamma2 = layer.post_attention_layernorm.weight.detach().double().numpy()[:, None]
+        # The residual stream runs scaled by s (`CircuitPlan.residual_scale`): the products reading
+        # a norm's output (which carries s) take 1/s, those writing the residual take s.
+        scale = plan.residual_scale
+        gamma1 = layer.input_layernorm.weight.detach().double().numpy()[:, None] / scale
+        gamma2 = layer.post_attention_layernorm.weight.detach().double().numpy()[:, None] / scale
         self.expand_kv = np.zeros((kv_heads * head_dim, heads * head_dim))
         for head in range(heads):
             kv = head // group
@@ -58,10 +61,10 @@ class LayerMatrices:
         activation_scale = block.activation.mapping[0]
         self.fixed = {
             "value": PlaintextMatrix((gamma1 * _weight(attention.v_proj)) @ self.expand_kv),
-            "out": PlaintextMatrix(_weight(attention.o_proj)),
+            "out": PlaintextMatrix(_weight(attention.o_proj) * scale),
             "gate": PlaintextMatrix(activation_scale * gamma2 * _weight(layer.mlp.gate_proj)),
             "up": PlaintextMatrix(gamma2 * _weight(layer.mlp.up_proj)),
-            "down": PlaintextMatrix(_weight(layer.mlp.down_proj)),
+            "down": PlaintextMatrix(_weight(layer.mlp.down_proj) * scale),
         }
         self.gain = block.attention.gain
         if not plan.mean_form:  # the sum form's head sums do not depend on the position
@@ -85,9 +88,10 @@ class LayerMatrices:
             dummy = torch.zeros(1, 1, self.head_dim, dtype=torch.float64)
             cos, sin = self._rotary(dummy, position_ids=torch.tensor([[position]]))
             rope = _rope_matrix(cos[0, 0].double().numpy(), sin[0, 0].double().numpy())
+            # used once each (this position, this layer): encoded for the product, never kept
             matrices = {
-                "query": PlaintextMatrix(self.wq @ np.kron(np.eye(self.heads), rope) * self.score_factor),
-                "key": PlaintextMatrix(self.wk @ np.kron(np.eye(self.kv_heads), rope) @ self.expand_kv),
+                "query": PlaintextMatrix(self.wq @ np.kron(np.eye(self.heads), rope) * self.score_factor, reusable=False),
+                "key": PlaintextMatrix(self.wk @ np.kron(np.eye(self.kv_heads), rope) @ self.expand_kv, reusable=False),
             }
             if self.plan.mean_form:
                 matrices["score_sum"] = self._score_sum(self.gain / (position + 1))
@@ -101,7 +105,7 @@ class ServerMatrices:
     def __init__(self, model, plan: CircuitPlan, lm_head: bool):
         base = model.model
         self.layers = [LayerMatrices(layer, plan, block, base.rotary_emb) for layer, block in zip(base.layers, plan.blocks)]
-        gamma = base.norm.weight.detach().double().numpy()[:, None]
+        gamma = base.norm.weight.detach().double().numpy()[:, None] / plan.residual_scale
         self.head = PlaintextMatrix(gamma * model.lm_head.weight.detach().double().numpy().T) if lm_head else None
         self._norm_sums: dict[str, PlaintextMatrix] = {}
 
@@ -173,6 +177,9 @@ class CKKSServer:
         lm_head: return encrypted logits (`True`) or the encrypted final normalised hidden state
             before the norm weight (`False`: the client applies `norm.weight` and the LM head).
         max_tokens: the longest sequence a session accepts (the KV cache grows with it).
+        encoding_budget: bytes of encoded weight diagonals kept between products (default: half
+            the memory available; a 30-layer SmolLM2 needs ~1 GB a layer); past it they are
+            encoded again at each use, slower but the same result.
     """
 
     def __init__(
@@ -183,20 +190,29 @@ class CKKSServer:
         profiler: LatencyProfiler | None = None,
         lm_head: bool = True,
         max_tokens: int = 64,
+        encoding_budget: int | None = None,
     ):
         require_encryptable(model)
-        self.engine = CipherEngine(public_context, refresher, profiler)
+        self.engine = CipherEngine(public_context, refresher, profiler, EncodingBudget(encoding_budget))
         self.params = CKKSParameters.from_context(self.engine.context)  # the client's ring, as the keys say
         self.hidden_size = model.config.hidden_size
         self.max_tokens = max_tokens
         self.lm_head = lm_head
-        self.circuit_plan = CircuitPlan.from_model(model, normaliser_resolution=self.precision() / PRECISION_LIMIT)
+        self.circuit_plan = CircuitPlan.from_model(
+            model, normaliser_resolution=self.precision() / PRECISION_LIMIT, value_limit=self.value_limit()
+        )
         self.circuit = DecoderCircuit(self.circuit_plan, ServerMatrices(model, self.circuit_plan, lm_head), self.engine.profiler, lm_head)
         self._check_budget()
 
     @property
     def profiler(self) -> LatencyProfiler:
         return self.engine.profiler
+
+    def value_limit(self) -> float:
+        """The largest value the circuit may form: what a refresh carries when refreshes are on
+        (a value may reach one, and the client refuses more than its mask bound `R`), else what
+        the ring holds."""
+        return self.params.mask_bound if self.engine.refresher is not None else self.params.value_bound
 
     def precision(self) -> float:
         """The typical absolute error of a value on this ring (`CKKSParameters.precision`)."""
@@ -208,7 +224,10 @@ class CKKSServer:
         names = ("query", "value", "score_sum", "out", "gate", "down") + (("head",) if self.lm_head else ())
         for rows, cols in [shapes.matrix(name).shape for name in names] + [(self.hidden_size, self.hidden_size)]:
             require_supported_product(rows, cols, self.engine.seal.slots)
-        limit = self.params.value_bound
+        # A value may reach a refresh, and a client refreshes only values within its mask bound R
+        # (x + r must stay in what the ring holds): with refreshes on, R is the limit.
+        limit = self.value_limit()
+        what = "a refresh carries (the mask bound R; the client refuses more)" if self.engine.refresher else "this ring holds"
         for block in self.circuit_plan.blocks:
             low, high = block.attention.reciprocal.domain
             largest = max(1.0 / low, high)  # 1/x at the bottom of the domain, the powers at the top
@@ -216,7 +235,7 @@ class CKKSServer:
                 raise ValueError(
                     f"layer {block.index}: the attention normaliser spans [{low / block.attention.gain:.3g}, "
                     f"{high / block.attention.gain:.3g}]; its scaled powers and reciprocal reach {largest:.3g}, beyond "
-                    f"what this ring holds (~{limit:.3g}); raise attn_eps or the ring's first prime"
+                    f"what {what} (~{limit:.3g}); raise attn_eps, or the ring's first prime over its scale"
                 )
         precision = self.precision()
         if precision / self.smallest_normaliser() > PRECISION_LIMIT:

@@ -42,6 +42,8 @@ class SecureSession:
             `session.server.transcript` (audits; it grows by megabytes per step).
         token: the shared secret a `hf-polyattn serve` URL asks for (`HF_POLYATTN_TOKEN`).
         cafile: with a `wss://` URL, the certificate authority to trust (a self-signed server).
+        encoding_budget: with `server="in-process"`, the bytes of encoded weight diagonals the
+            server keeps (`CKKSServer`; default half the available memory).
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class SecureSession:
         keep_transcript: bool = False,
         token: str | None = None,
         cafile: str | None = None,
+        encoding_budget: int | None = None,
     ):
         if lm_head not in ("server", "client"):
             raise ValueError(f"lm_head must be 'server' or 'client', got {lm_head!r}")
@@ -81,7 +84,8 @@ class SecureSession:
         else:
             refresher = ClientRoundTrip(self.client, seed=mask_seed)
             self.server = CKKSServer(
-                model, self.client.public_context(), refresher, self.profiler, lm_head=on_server, max_tokens=max_tokens
+                model, self.client.public_context(), refresher, self.profiler, lm_head=on_server, max_tokens=max_tokens,
+                encoding_budget=encoding_budget,
             )
         self.step_seconds: list[float] = []
         self.prefill_tokens = 0  # the first call after a reset: the prompt

@@ -32,6 +32,7 @@ broadcast product). Public factors are folded as before: the norm weights into t
 """
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,11 +51,14 @@ class NormSite:
     size: int  # the values normalised together (hidden size, or head_dim for query/key norms)
     width: int  # the vector it normalises (hidden size, or heads · head_dim)
     centered: bool  # LayerNorm: subtract the mean first
+    input_scale: float = 1.0  # what its input carries (the residual scale, `CircuitPlan.residual_scale`)
 
     @property
     def mean_factor(self) -> float:
-        """What the summing matrix multiplies `Σ x²` by: the map's scale over the group size."""
-        return self.approximation.mapping[0] / self.size
+        """What the summing matrix multiplies `Σ x²` by: the map's scale over the group size (and
+        over the square of the input's scale: the inverse square root sees the unscaled mean,
+        and the norm's output carries the input's scale on to the next product)."""
+        return self.approximation.mapping[0] / (self.size * self.input_scale**2)
 
     @property
     def offset(self) -> float:
@@ -132,18 +136,23 @@ class CircuitPlan:
     parallel_residual: bool
     blocks: tuple[BlockPlan, ...]
     final_norm: NormSite
+    residual_scale: float = 1.0
 
     @property
     def width(self) -> int:
         return self.heads * self.head_dim
 
     @classmethod
-    def from_model(cls, model, normaliser_resolution: float | None = None) -> "CircuitPlan":
+    def from_model(cls, model, normaliser_resolution: float | None = None, value_limit: float | None = None) -> "CircuitPlan":
         """The plan of a PolyAttn model (or its base model) in polynomial form.
 
         `normaliser_resolution`: the smallest attention normaliser the ring resolves (the CKKS
         server passes its precision over `PRECISION_LIMIT`); below it the reciprocal's input is
         balanced instead of folded, at one level.
+        `value_limit`: the largest value the ring carries (a CKKS server's refresh bound). Where a
+        norm's squares could pass it (real LLMs have a few residual values in the hundreds, so
+        `x²` reaches ~1e5), the residual stream runs scaled by a power of two
+        (`residual_scale`, see `residual_scale_for`).
         """
         config = model.config
         base = getattr(model, "base_model", model)
@@ -154,11 +163,19 @@ class CircuitPlan:
         hidden, width = config.hidden_size, config.num_attention_heads * base.layers[0].self_attn.head_dim
         head_dim = base.layers[0].self_attn.head_dim
 
+        residual_norms = [f"layers.{i}.{n}" for i in range(config.num_hidden_layers)
+                          for n in ("input_layernorm", "post_attention_layernorm")] + ["norm"]
+        residual_scale = residual_scale_for(
+            [(ops[f"{name}.inv_sqrt"].approximation, hidden) for name in residual_norms], value_limit
+        )
+        if residual_scale != 1.0 and (config.sandwich_norms or config.parallel_residual):
+            raise NotImplementedError("a scaled residual stream is planned for the sequential Llama layout only")
+
         def norm(name: str, size: int, full: int) -> NormSite:
             module = base.get_submodule(name)
             return NormSite(
                 name, ops[f"{name}.inv_sqrt"].approximation, float(module.variance_epsilon), size, full,
-                centered=config.norm_type == "layer",
+                centered=config.norm_type == "layer", input_scale=residual_scale if name in residual_norms else 1.0,
             )
 
         blocks = []
@@ -197,7 +214,22 @@ class CircuitPlan:
             parallel_residual=bool(config.parallel_residual),
             blocks=tuple(blocks),
             final_norm=norm("norm", hidden, hidden),
+            residual_scale=residual_scale,
         )
+
+
+def residual_scale_for(norms: list[tuple[Approximation, int]], value_limit: float | None) -> float:
+    """The largest power of two `s ≤ 1` keeping every square `(s·x)²` a residual norm forms within
+    `value_limit`: one value can hold the whole mean, `x² ≤ size · top of the domain of mean(x²)`.
+    RMSNorm is scale-invariant, so the scale costs one product per token (the embedding's) and is
+    folded everywhere else: into the products writing the residual (`s`), those reading a norm's
+    output (`1/s`), and the mean of squares (`1/s²`)."""
+    if value_limit is None:
+        return 1.0
+    largest = max(size * approximation.domain[1] for approximation, size in norms)
+    if largest <= value_limit:
+        return 1.0
+    return 2.0 ** math.floor(0.5 * math.log2(value_limit / largest))
 
 
 @dataclass(frozen=True)
@@ -358,6 +390,8 @@ class DecoderCircuit:
             if self.lm_head:
                 with self.profiler.step("pt×ct matmul"):
                     out = out.matmul(self._matrix("head"))
+            elif self.plan.residual_scale != 1.0:  # the client reads the normalised state itself
+                out = out * (1.0 / self.plan.residual_scale)
             return out
 
     def step(self, hidden):
@@ -365,6 +399,8 @@ class DecoderCircuit:
         A step that fails midway (a refused refresh, a lost client) leaves the KV cache as it was
         before it, so the sequence can go on from the same position."""
         start = self.position
+        if self.plan.residual_scale != 1.0:
+            hidden = hidden * self.plan.residual_scale
         try:
             for block in self.plan.blocks:
                 hidden = self.block(block, hidden)
@@ -416,5 +452,6 @@ __all__ = [
     "NormSite",
     "ShapeMatrices",
     "circuit_depths",
+    "residual_scale_for",
     "symbolic_run",
 ]

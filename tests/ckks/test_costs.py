@@ -67,3 +67,15 @@ def test_rings_too_imprecise_for_the_normaliser_are_refused(server):
     assert chosen is fine
     with pytest.raises(ValueError, match="precise enough"):
         choose_parameters(server, 2, [coarse])
+
+
+def test_measured_costs_time_every_primitive_on_a_real_ring(server):
+    from hf_polyattn.ckks.costs import measure_op_costs
+
+    # 72 rows do not divide the 4096 slots: priced by the same BSGS product the server runs
+    measured = measure_op_costs(CKKSParameters(), [(72, 72), (64, 64)], repeats=1)
+    assert min(measured.ct_ct, measured.ct_pt, measured.add, measured.refresh) > 0
+    assert set(measured.matmul) == {(72, 72), (64, 64)} and min(measured.matmul.values()) > 0
+    assert measured.refresh > measured.add  # a round trip decrypts and re-encrypts
+    with pytest.raises(ValueError, match="no measured cost for a 32×[0-9]+ product"):
+        predict_seconds(server.plan(1), measured)

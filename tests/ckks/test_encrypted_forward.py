@@ -16,8 +16,8 @@ def client():
     return CKKSClient()
 
 
-def check_against_plaintext(model, client, ids):
-    session = SecureSession(model, client=client, mask_seed=0)
+def check_against_plaintext(model, client, ids, lm_head: str = "server"):
+    session = SecureSession(model, client=client, mask_seed=0, lm_head=lm_head)
     server = session.server
     predicted = server.plan(ids.shape[1])
     encrypted = session.logits(ids[0]).numpy()
@@ -67,8 +67,16 @@ def test_bad_inputs_fail_before_any_long_computation(client):
         CKKSServer(model, client._context.serialize(save_secret_key=True))
     narrow = tiny_model(attn_eps=1e-9, num_hidden_layers=1)
     narrow.to_polynomial(calibration_data=[random_ids(4, 16, seed=s) for s in range(4)], progress=False)
-    with pytest.raises(ValueError, match="beyond what this ring holds"):
+    with pytest.raises(ValueError, match="beyond what a refresh carries"):
         CKKSServer(narrow, public, ClientRoundTrip(client))
+    with pytest.raises(ValueError, match="beyond what this ring holds"):
+        CKKSServer(narrow, public, refresher=None)
+    # powers up to ~1.3e5: within what the ring holds (2^18), past what a refresh carries (R = 2^16),
+    # which the client would refuse mid-sequence
+    loose = tiny_model(attn_eps=1e-7, num_hidden_layers=1)
+    loose.to_polynomial(calibration_data=[random_ids(4, 16, seed=s) for s in range(4)], progress=False)
+    with pytest.raises(ValueError, match="beyond what a refresh carries"):
+        CKKSServer(loose, public, ClientRoundTrip(client))
     coarse = CKKSClient(CKKSParameters(levels=4, scale_bits=30, first_bits=49))  # 128-bit, but 2^-12 precision
     with pytest.raises(ValueError, match="too coarse"):
         CKKSServer(model, coarse.public_context(), ClientRoundTrip(coarse))
@@ -94,7 +102,35 @@ def test_reported_depth_is_the_depth_of_the_server_circuit(client, form, power):
     assert (balanced > 0) == (power == 8)
 
 
-def test_shapes_outside_bsgs_fall_back_to_tenseal_matmul(client):
-    # d=48: 48 rows do not divide the 4096 slots, so those products take TenSEAL's matmul
+def test_shapes_whose_rows_do_not_divide_the_slots_run_by_bsgs(client):
+    # d=48: 48 rows do not divide the 4096 slots (TenSEAL's own matmul used to take these products)
     model = polynomial_tiny(num_hidden_layers=1, hidden_size=48, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
     check_against_plaintext(model, client, random_ids(1, 2, seed=14))
+
+
+def test_a_server_past_its_encoding_budget_encodes_again_and_computes_the_same(client):
+    model = polynomial_tiny(num_hidden_layers=1, hidden_size=48, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
+    with torch.no_grad():
+        embeddings = model.model.embed_tokens(random_ids(1, 2, seed=15))[0].double().numpy()
+    outputs, servers = [], []
+    for budget in (None, 0):
+        server = CKKSServer(model, client.public_context(), ClientRoundTrip(client, seed=0), encoding_budget=budget)
+        outputs.append(np.stack([client.decrypt(server.step(client.encrypt(e))) for e in embeddings]))
+        servers.append(server)
+    kept, unkept = (server.engine.encoding_budget for server in servers)
+    assert kept.kept_bytes > 0 and kept.encoded_again == 0
+    assert unkept.kept_bytes == 0 and unkept.encoded_again > 0
+    assert np.abs(outputs[0] - outputs[1]).max() <= 1e-4 * np.abs(outputs[0]).max()
+
+
+@pytest.mark.parametrize("lm_head", ["server", "client"])
+def test_a_residual_too_large_for_a_refresh_runs_scaled_and_matches_plaintext(client, lm_head):
+    # residual values in the hundreds, like SmolLM2's massive activations: a norm's x² would pass
+    # the refresh bound R = 2^16, and the client would refuse it mid-sequence
+    model = tiny_model(num_hidden_layers=2, attn_eps=1.0)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(2000)
+    model.to_polynomial(calibration_data=[random_ids(4, 16, seed=s) for s in range(4)], progress=False)
+    server = check_against_plaintext(model, client, random_ids(1, 3, seed=16), lm_head=lm_head)
+    assert server.circuit_plan.residual_scale < 1
+    assert server.circuit_plan.hidden_size * server.circuit_plan.final_norm.approximation.domain[1] > client.params.mask_bound

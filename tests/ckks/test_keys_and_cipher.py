@@ -8,7 +8,7 @@ import pytest
 import tenseal as ts
 
 from hf_polyattn.ckks import CKKSClient, CKKSParameters, ClientRoundTrip
-from hf_polyattn.ckks.cipher import CipherEngine, DepthExceededError
+from hf_polyattn.ckks.cipher import Cipher, CipherEngine, DepthExceededError
 from hf_polyattn.ckks.client import KEY_ID_BYTES, IntegrityError, RefreshRefused
 from hf_polyattn.ckks.matmul import PlaintextMatrix
 from hf_polyattn.ckks.seal_backend import SealBackend
@@ -207,9 +207,40 @@ def test_ciphertext_serialisation_writes_no_file_anyone_can_find(client):
         assert not {name for name in set(os.listdir(folder)) - names if "polyattn" in name}, folder
 
 
-def test_tenseal_matmul_is_refused_past_the_size_where_it_goes_wrong(client, engine):
-    # rows that do not divide the 4096 slots leave TenSEAL's own matmul: right up to
-    # rows + cols = slots + 1, silently wrong past it (OpenMined/TenSEAL#504)
+def all_slots(client, engine, cipher) -> np.ndarray:
+    """Every slot of `cipher`, not only its first `size` values."""
+    wide = engine.seal.to_vector(cipher.vector.ciphertext()[0], client.params.slots)
+    return client.decrypt(client.key_id + wide.serialize(), bound=np.inf)
+
+
+# SmolLM2's 576×576, 576×1536 and 1536×576 scaled down by 8: rows that do not divide the 4096 slots
+@pytest.mark.parametrize("rows, cols", [(72, 72), (72, 192), (192, 72)])
+def test_bsgs_product_matches_numpy_and_tenseal_in_every_slot_when_rows_do_not_divide_the_slots(client, engine, rows, cols):
+    assert client.params.slots % rows
+    generator = np.random.default_rng(rows + cols)
+    values, weights = generator.uniform(-1, 1, rows), generator.uniform(-1, 1, (rows, cols)) / 10
+    x = engine.load(client.encrypt(values))
+    product = x.matmul(PlaintextMatrix(weights))
+    assert np.abs(client.decrypt(product.serialize()) - values @ weights).max() < 1e-5
+    # TenSEAL's own matmul, slot for slot: the wrapped slots past the last whole copy included, so
+    # whatever reads them next (a following product, a rotation) sees what it saw before BSGS
+    reference = Cipher(x.vector.matmul(weights.tolist()), engine)
+    assert np.abs(all_slots(client, engine, product) - all_slots(client, engine, reference)).max() < 1e-5
+
+
+def test_chained_bsgs_products_match_numpy_when_rows_do_not_divide_the_slots(client, engine):
+    # an MLP's shape, scaled down: the second product reads the first's output past its width
+    generator = np.random.default_rng(1)
+    values = generator.uniform(-1, 1, 72)
+    up, down = generator.uniform(-1, 1, (72, 192)) / 8, generator.uniform(-1, 1, (192, 72)) / 12
+    x = engine.load(client.encrypt(values))
+    out = x.matmul(PlaintextMatrix(up)).matmul(PlaintextMatrix(down))
+    assert np.abs(client.decrypt(out.serialize()) - values @ up @ down).max() < 1e-4
+
+
+def test_a_product_past_the_replicated_layouts_bound_is_refused(client, engine):
+    # rows that do not divide the 4096 slots: right up to rows + cols = slots + 1, and TenSEAL's own
+    # matmul, which reads the same slots, silently wrong past it (OpenMined/TenSEAL#504)
     rows, slots = 100, client.params.slots
     generator = np.random.default_rng(0)
     values, weights = generator.uniform(-1, 1, rows), generator.uniform(-1, 1, (rows, slots + 2 - rows)) / 10
@@ -250,3 +281,28 @@ def test_a_latency_profile_names_its_site_and_travels_as_json_only():
     assert again.counts == {"reciprocal": 1} and again.bytes["to_client"] == 7 and again.table() == profiler.table()
     with pytest.raises(ValueError, match="not a latency profile"):
         LatencyProfiler.from_dict({"seconds": {"x": "__import__('os')"}})
+
+
+def test_encoded_diagonals_are_kept_within_the_budget_and_given_back_with_their_matrix(client, engine):
+    import gc
+
+    from hf_polyattn.ckks.matmul import EncodingBudget
+
+    generator = np.random.default_rng(3)
+    x = engine.load(client.encrypt(generator.uniform(-1, 1, 64)))
+    kept = PlaintextMatrix(generator.uniform(-1, 1, (64, 64)))
+    budget = EncodingBudget(max_bytes=10**12)
+    kept.plaintexts(engine.seal, x.vector.ciphertext()[0].parms_id(), budget)
+    size = budget.kept_bytes
+    assert size >= 64 * client.params.poly_modulus_degree * 8  # 64 diagonals of N coefficients (or more primes)
+    tight = EncodingBudget(max_bytes=size)  # room for one matrix: the second is encoded at each use
+    first, second = (PlaintextMatrix(generator.uniform(-1, 1, (64, 64))) for _ in range(2))
+    once = PlaintextMatrix(generator.uniform(-1, 1, (64, 64)), reusable=False)
+    for matrix in (first, second, once, second):
+        matrix.plaintexts(engine.seal, x.vector.ciphertext()[0].parms_id(), tight)
+    assert tight.kept_bytes == size and tight.encoded_again == 2 * 64
+    del first
+    gc.collect()
+    assert tight.kept_bytes == 0  # the dropped matrix gave its bytes back: the next one is kept
+    second.plaintexts(engine.seal, x.vector.ciphertext()[0].parms_id(), tight)
+    assert tight.kept_bytes == size
