@@ -10,7 +10,7 @@ import tenseal as ts
 
 from . import matmul
 from .client import key_id, load_vector
-from .matmul import EncodingBudget, PlaintextMatrix, require_supported_product
+from .matmul import EncodingBudget, BlockSumMatrix, PlaintextMatrix, require_supported_product
 from .profiler import LatencyProfiler
 from .refresh import Refresher
 from .seal_backend import SealBackend
@@ -174,7 +174,10 @@ class Cipher:
         require_supported_product(matrix.rows, matrix.cols, seal.slots)
         a = self._fresh_enough()
         with self.engine.profiler.op("pt×ct matmul"):
-            vector = matmul.matmul(seal, a.vector, matrix, self.engine.encoding_budget)
+            if isinstance(matrix, BlockSumMatrix):
+                vector = matmul.block_sum(seal, a.vector, matrix)
+            else:
+                vector = matmul.matmul(seal, a.vector, matrix, self.engine.encoding_budget)
         self.engine.levels_consumed += 1
         return Cipher(vector, self.engine)
 

@@ -16,13 +16,14 @@ import numpy as np
 
 from .cipher import CipherEngine
 from .client import CKKSClient
-from .matmul import PlaintextMatrix
+from .matmul import BlockSumMatrix, PlaintextMatrix
 from .params import PRECISION_LIMIT, CKKSParameters
 from .refresh import ClientRoundTrip
 
 @dataclass(frozen=True)
 class OpCosts:
-    """Seconds per primitive on one ring; `matmul` per `(rows, cols)` shape measured."""
+    """Seconds per primitive on one ring; `matmul` per product measured, by its cost key
+    (`(rows, cols)`, or `(rows, cols, block)` for a block sum by rotations)."""
 
     params: CKKSParameters
     ct_ct: float
@@ -31,7 +32,7 @@ class OpCosts:
     refresh: float
     matmul: dict[tuple[int, int], float]
 
-    def matmul_seconds(self, shape: tuple[int, int]) -> float:
+    def matmul_seconds(self, shape: tuple[int, ...]) -> float:
         if shape not in self.matmul:
             raise ValueError(f"no measured cost for a {shape[0]}×{shape[1]} product; measure it with shapes=[...]")
         return self.matmul[shape]
@@ -66,10 +67,14 @@ def measure_op_costs(params: CKKSParameters, shapes, repeats: int = 3, seed: int
         spent = spent * 1.0
     refresh = best_of(repeats, lambda: engine.refresh(spent))[0]
     matmul = {}
-    for rows, cols in sorted(set(shapes)):
-        vector, matrix = fresh(rows), PlaintextMatrix(rng.uniform(-1, 1, (rows, cols)))
+    for key in sorted(set(shapes)):
+        rows, cols = key[:2]
+        if len(key) == 3:  # a block sum, by rotations (`BlockSumMatrix`)
+            vector, matrix = fresh(rows), BlockSumMatrix(rows, key[2])
+        else:
+            vector, matrix = fresh(rows), PlaintextMatrix(rng.uniform(-1, 1, (rows, cols)))
         vector.matmul(matrix)  # encodes the diagonals once, as a server does for its weights
-        matmul[(rows, cols)] = best_of(repeats, lambda: vector.matmul(matrix))[0]
+        matmul[key] = best_of(repeats, lambda: vector.matmul(matrix))[0]
     return OpCosts(params, ct_ct, ct_pt, add, refresh, matmul)
 
 

@@ -111,6 +111,11 @@ class PlaintextMatrix:
     def shape(self) -> tuple[int, int]:
         return self.rows, self.cols
 
+    @property
+    def cost_key(self) -> tuple[int, ...]:
+        """What prices its product (`costs.OpCosts.matmul`): the shape."""
+        return self.shape
+
     def plaintexts(self, backend: SealBackend, parms_id, budget: EncodingBudget | None = None) -> dict:
         """`{(g, b): diagonal g·n1 + b, pre-rotated by g·n1}` encoded at `parms_id`'s level; kept
         for the next product while `budget` allows (always, without one)."""
@@ -136,6 +141,84 @@ class PlaintextMatrix:
         else:
             budget.encoded_again += len(encoded)
         return encoded
+
+
+class BlockSumMatrix(PlaintextMatrix):
+    """`factor ×` the block-diagonal matrix of ones (`width/block` blocks of `block × block`): the
+    values of each block summed and the sum spread over the block's slots (attention's head sums;
+    with `block = width`, a norm's sum of squares in every slot). Computed by rotations
+    (`block_sum`): about `2·log2(block)` of them and one plaintext product, where a baby-step
+    giant-step product of the same matrix takes `~2·sqrt(width)` rotations and up to `width`
+    products (the head sums are paid once per cached key in attention)."""
+
+    def __init__(self, width: int, block: int, factor: float = 1.0):
+        if block < 1 or width % block:
+            raise ValueError(f"a block sum needs a block dividing the width, got {block} and {width}")
+        super().__init__(np.kron(np.eye(width // block), np.ones((block, block))) * factor)
+        self.block, self.factor = block, factor
+        self._masks: dict[tuple, sealapi.Plaintext] = {}
+
+    @property
+    def cost_key(self) -> tuple[int, ...]:
+        return (*self.shape, self.block)
+
+    def mask(self, backend: SealBackend, parms_id) -> sealapi.Plaintext:
+        """`factor` at each block's first slot, 0 elsewhere (everywhere for one block), repeated
+        like the vector: one plaintext. A block starting too close to the last slot for its
+        window is left out: its sum would wrap into the first slots, and the spread carries
+        what sits before slot 0 (the last slots) into the first block."""
+        key = tuple(parms_id)
+        if key not in self._masks:
+            slots = backend.slots
+            if self.block == self.rows:
+                values = np.full(slots, self.factor)
+            else:
+                position = np.arange(slots)
+                starts = (position % self.rows % self.block == 0) & (position + self.block <= slots)
+                values = np.where(starts, self.factor, 0.0)
+            self._masks[key] = backend.encode(values, parms_id)
+        return self._masks[key]
+
+
+def block_sum(backend: SealBackend, vector: ts.CKKSVector, matrix: BlockSumMatrix) -> ts.CKKSVector:
+    """`vector @ matrix` for a block-sum matrix, one level: window sums `Σ_{i<block} x[j+i]` by
+    rotations (at each block's first slot that is the block's sum), masked to those slots (times
+    `factor`), then spread back over each block by the same sums rotating the other way. With one
+    block every slot's window is the whole sum: the mask is `factor` everywhere and there is
+    nothing to spread. It reads the same slots a product reads (`j + i`, `i < rows`), so it is
+    right wherever the baby-step giant-step product is (`require_supported_product`)."""
+    ct = vector.ciphertext()[0]
+    window = _window_sum(backend, ct, matrix.block, 1)
+    masked = sealapi.Ciphertext()
+    backend.evaluator.multiply_plain(window, matrix.mask(backend, ct.parms_id()), masked)
+    backend.evaluator.rescale_to_next_inplace(masked)
+    masked.scale = backend.scale  # as after every rescale here: the prime is ≈ the scale
+    spread = masked if matrix.block == matrix.rows else _window_sum(backend, masked, matrix.block, -1)
+    return backend.to_vector(spread, matrix.cols)
+
+
+def _window_sum(backend: SealBackend, ct: sealapi.Ciphertext, length: int, direction: int) -> sealapi.Ciphertext:
+    """`Σ_{i<length} rot(ct, direction·i)`: sums of 1, 2, 4, … slots by doubling, then the binary
+    digits of `length` joined (`floor(log2 length) + popcount(length) - 1` rotations)."""
+    evaluator = backend.evaluator
+    doubled = [ct]  # doubled[k]: the window of 2^k slots
+    while 2 ** len(doubled) <= length:
+        last, width = doubled[-1], 2 ** (len(doubled) - 1)
+        total = sealapi.Ciphertext()
+        evaluator.add(last, backend.rotate(last, direction * width), total)
+        doubled.append(total)
+    result, offset = None, 0
+    for k in reversed(range(len(doubled))):
+        if length >> k & 1:
+            term = doubled[k] if offset == 0 else backend.rotate(doubled[k], direction * offset)
+            if result is None:
+                result = term
+            else:
+                joined = sealapi.Ciphertext()
+                evaluator.add(result, term, joined)
+                result = joined
+            offset += 2**k
+    return result
 
 
 def periodic(rows: int, slots: int) -> bool:

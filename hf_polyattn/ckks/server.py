@@ -17,7 +17,7 @@ import torch
 
 from ..modeling.circuit import CircuitPlan, DecoderCircuit, NormSite, ShapeMatrices, symbolic_run
 from .cipher import CipherEngine
-from .matmul import EncodingBudget, PlaintextMatrix, require_supported_product
+from .matmul import EncodingBudget, BlockSumMatrix, PlaintextMatrix, require_supported_product
 from .params import PRECISION_LIMIT, CKKSParameters
 from .profiler import LatencyProfiler
 from .refresh import Refresher
@@ -72,11 +72,11 @@ class LayerMatrices:
         self._rotary = rotary
         self._at: tuple[int, dict] | None = None
 
-    def _score_sum(self, factor: float) -> PlaintextMatrix:
+    def _score_sum(self, factor: float) -> BlockSumMatrix:
         # Sums each head's q ⊙ k and spreads it over the head's slots, times factor^(1/p): the
         # powers then carry the factor the reciprocal's input needs (g, and 1/L in the mean form).
-        block_ones = np.kron(np.eye(self.heads), np.ones((self.head_dim, self.head_dim)))
-        return PlaintextMatrix(block_ones * factor ** (1 / self.plan.power))
+        # By rotations (`BlockSumMatrix`), a cost paid once per cached key.
+        return BlockSumMatrix(self.heads * self.head_dim, self.head_dim, factor ** (1 / self.plan.power))
 
     def at(self, name: str, position: int) -> PlaintextMatrix:
         """A matrix of `position`: `W_q` / `W_k` with its RoPE, the head sums of the mean form."""
@@ -112,7 +112,7 @@ class ServerMatrices:
     def matrix(self, name: str, block: int | None = None, position: int | None = None, site: NormSite | None = None):
         if name == "norm_sum":  # Σ x² times a/n, in every slot: the inverse sqrt's input, no broadcast after
             if site.name not in self._norm_sums:
-                self._norm_sums[site.name] = PlaintextMatrix(np.full((site.size, site.size), site.mean_factor))
+                self._norm_sums[site.name] = BlockSumMatrix(site.width, site.size, site.mean_factor)
             return self._norm_sums[site.name]
         if name == "head":
             return self.head

@@ -234,14 +234,21 @@ def residual_scale_for(norms: list[tuple[Approximation, int]], value_limit: floa
 
 @dataclass(frozen=True)
 class MatrixShape:
-    """A plaintext matrix known by its shape only (what a symbolic run needs)."""
+    """A plaintext matrix known by its shape only (what a symbolic run needs); `block`: a
+    block-diagonal matrix of ones, summed by rotations (a CKKS backend's `BlockSumMatrix`)."""
 
     rows: int
     cols: int
+    block: int | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.rows, self.cols
+
+    @property
+    def cost_key(self) -> tuple[int, ...]:
+        """What prices the product: its shape, and the block of a rotation product."""
+        return self.shape if self.block is None else (*self.shape, self.block)
 
 
 class ShapeMatrices:
@@ -258,8 +265,12 @@ class ShapeMatrices:
             "score_sum": (w, w), "out": (w, d), "gate": (d, inner), "up": (d, inner), "down": (inner, d),
             "head": (d, p.vocab_size),
         }
-        if name in ("norm_sum", "norm_center"):
+        if name == "norm_sum":  # the mean of squares over each group of `size`, in its every slot
+            return MatrixShape(site.width, site.width, site.size)
+        if name == "norm_center":
             return MatrixShape(site.width, site.width)
+        if name == "score_sum":  # each head's q ⊙ k summed and spread over the head
+            return MatrixShape(w, w, p.head_dim)
         return MatrixShape(*shapes[name])
 
 

@@ -31,7 +31,7 @@ class CircuitTally:
         self.levels_consumed = 0
         self.refreshes = 0
         self.ops: Counter = Counter()  # "ct×ct", "ct×pt", "add"
-        self.matmuls: Counter = Counter()  # (rows, cols) of every plaintext-matrix product
+        self.matmuls: Counter = Counter()  # every plaintext-matrix product by what prices it: (rows, cols[, block])
 
     def fresh(self, size: int = 1) -> "SymbolicCipher":
         """A freshly encrypted input of `size` values."""
@@ -99,11 +99,12 @@ class SymbolicCipher:
         return self
 
     def matmul(self, matrix) -> "SymbolicCipher":
-        """`self @ matrix` for a plaintext matrix (anything with `shape = (rows, cols)`)."""
+        """`self @ matrix` for a plaintext matrix (anything with `shape = (rows, cols)`; counted by
+        its `cost_key` when it has one, e.g. a head sum computed by rotations)."""
         rows, cols = matrix.shape
         a = self._fresh_enough()
         self.tally.levels_consumed += 1
-        self.tally.matmuls[(rows, cols)] += 1
+        self.tally.matmuls[getattr(matrix, "cost_key", (rows, cols))] += 1
         return SymbolicCipher(cols, a.depth + 1, self.tally)
 
     def serialize(self) -> None:

@@ -102,3 +102,58 @@ def test_a_built_server_is_a_snapshot_of_the_model():
     assert np.array_equal(server_logits(), before)
     model.to_polynomial(calibration_data=[random_ids(2, 8, seed=9)], progress=False)  # recalibrated
     assert np.array_equal(server_logits(), before)
+
+
+class TrackedVector(PlainVector):
+    """A `PlainVector` that remembers the largest magnitude any vector of the circuit reached."""
+
+    largest = 0.0
+
+    def __init__(self, values):
+        super().__init__(values)
+        TrackedVector.largest = max(TrackedVector.largest, float(np.abs(self.values).max()))
+
+    def __add__(self, other):
+        return TrackedVector(self.values + self._other(other))
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        return TrackedVector(self.values - self._other(other))
+
+    def __rsub__(self, other):
+        return TrackedVector(self._other(other) - self.values)
+
+    def __mul__(self, other):
+        return TrackedVector(self.values * self._other(other))
+
+    __rmul__ = __mul__
+
+    def __neg__(self):
+        return TrackedVector(-self.values)
+
+    def matmul(self, matrix):
+        return TrackedVector(self.values @ matrix.matrix)
+
+
+@pytest.mark.parametrize("lm_head", [True, False])
+def test_a_scaled_residual_stream_folds_exactly_and_keeps_the_squares_within_the_limit(lm_head):
+    from tests.helpers import tiny_model
+
+    model = tiny_model(num_hidden_layers=2, attn_eps=1.0)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(2000)  # residual values in the hundreds
+    model.to_polynomial(calibration_data=[random_ids(4, 16, seed=s) for s in range(4)], progress=False)
+    ids = random_ids(1, 5, seed=6)
+    embeddings = model.get_input_embeddings()(ids[0]).detach().double().numpy()
+    outputs, largest = {}, {}
+    for limit in (None, 2.0**12):
+        plan = CircuitPlan.from_model(model, value_limit=limit)
+        circuit = DecoderCircuit(plan, ServerMatrices(model, plan, lm_head=lm_head), lm_head=lm_head)
+        TrackedVector.largest = 0.0
+        outputs[limit] = np.stack([circuit.step(TrackedVector(e)).values for e in embeddings])
+        largest[limit] = TrackedVector.largest
+    assert plan.residual_scale < 1 and np.log2(plan.residual_scale).is_integer()
+    assert largest[None] > 2.0**12 >= largest[2.0**12]  # the norms' squares were the largest values
+    reference = outputs[None]
+    assert np.abs(outputs[2.0**12] - reference).max() < 1e-9 * np.abs(reference).max()

@@ -8,7 +8,7 @@ from hf_polyattn.ckks.planner import circuit_depth
 from tests.helpers import polynomial_tiny
 
 
-SHAPES = {(32, 32), (32, 64), (64, 32), (32, 97)}  # the 1-layer tiny model's (norm and head sums are 32×32 now)
+SHAPES = {(32, 32), (32, 32, 32), (32, 32, 8), (32, 64), (64, 32), (32, 97)}  # the 1-layer tiny model's; by rotations: norm sums (block 32), head sums (block 8)
 
 
 def costs(ring: int, levels: int, refresh: float, op: float, **params) -> OpCosts:

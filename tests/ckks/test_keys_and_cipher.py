@@ -306,3 +306,26 @@ def test_encoded_diagonals_are_kept_within_the_budget_and_given_back_with_their_
     assert tight.kept_bytes == 0  # the dropped matrix gave its bytes back: the next one is kept
     second.plaintexts(engine.seal, x.vector.ciphertext()[0].parms_id(), tight)
     assert tight.kept_bytes == size
+
+
+# SmolLM2's 9 heads of 64 (576 slots, not dividing the 4096), a tiny model's 4 heads of 8, heads
+# of 48 (not a power of two), and one block: SmolLM2's norm sum over 576
+@pytest.mark.parametrize("heads, block", [(9, 64), (4, 8), (3, 48), (1, 576)])
+def test_a_block_sum_by_rotations_matches_numpy_and_the_dense_product(client, engine, heads, block):
+    from hf_polyattn.ckks.matmul import BlockSumMatrix
+
+    width = heads * block
+    values = np.random.default_rng(heads).uniform(-1, 1, width)
+    matrix = BlockSumMatrix(width, block, factor=0.75)
+    x = engine.load(client.encrypt(values))
+    rotated = x.matmul(matrix)
+    expected = np.repeat(values.reshape(heads, block).sum(axis=1), block) * 0.75
+    tolerance = 1e-5 * max(1.0, np.abs(expected).max())  # CKKS noise, summed over a block
+    assert np.abs(client.decrypt(rotated.serialize()) - expected).max() < tolerance
+    assert rotated.level == x.level - 1  # one level, like the product it replaces
+    # wherever the dense product is right (every slot a following product reads), the same values
+    dense = x.matmul(PlaintextMatrix(matrix.matrix))
+    valid = client.params.slots - width + 1
+    assert np.abs(all_slots(client, engine, rotated)[:valid] - all_slots(client, engine, dense)[:valid]).max() < tolerance
+    with pytest.raises(ValueError, match="a block dividing the width"):
+        BlockSumMatrix(width, block + 1)
