@@ -115,8 +115,12 @@ class Cipher:
         profiler = self.engine.profiler
         if isinstance(other, Cipher):
             b = other._fresh_enough()
+            # TenSEAL matches levels by mod-switching the right operand *in place* when it is the
+            # higher one (its left operand is copied first): a cached key or a reused query would
+            # lose levels and be refreshed more often than planned. So the higher one goes left.
+            high, low = (a, b) if a.level >= b.level else (b, a)
             with profiler.op("ct×ct mult"):
-                vector = a.vector * b.vector
+                vector = high.vector * low.vector
         else:
             if other != 0 and abs(other) * self.engine.context.global_scale < 1:
                 raise ValueError(f"the constant {other!r} encodes to zero at this scale; drop the term")

@@ -329,3 +329,15 @@ def test_a_block_sum_by_rotations_matches_numpy_and_the_dense_product(client, en
     assert np.abs(all_slots(client, engine, rotated)[:valid] - all_slots(client, engine, dense)[:valid]).max() < tolerance
     with pytest.raises(ValueError, match="a block dividing the width"):
         BlockSumMatrix(width, block + 1)
+
+
+def test_a_product_leaves_both_operands_at_their_levels(client, engine):
+    # TenSEAL mod-switches a higher right operand in place: a reused value (a cached key, a query)
+    # would silently lose levels and be refreshed more often than the planner predicts
+    x, y = (engine.load(client.encrypt(np.full(4, 0.5))) for _ in range(2))
+    low = x * 0.5
+    for left, right in ((low, y), (y, low)):
+        product = left * right
+        assert (low.level, y.level) == (1, 2)
+        assert product.level == 0
+        assert np.allclose(client.decrypt(product.serialize()), 0.125, atol=1e-5)
