@@ -18,7 +18,7 @@ import torch
 
 from hf_polyattn.assets import DEFAULT_MODEL_DIR, load_default_model
 from hf_polyattn.ckks import CKKSParameters, SecureSession
-from report import command_line, write_results
+from report import command_line, plot_secure_steps, write_results
 
 
 def main(argv=None) -> None:
@@ -78,29 +78,9 @@ def main(argv=None) -> None:
         + f"\n\n![time per step and breakdown]({args.results.with_suffix('.png').name})\n"
     )
     write_results(args.results, text)
-    _plot(steps, prompt_len, latency, args.results.with_suffix(".png"))
+    plot_secure_steps(steps, prompt_len, latency, args.results.with_suffix(".png"))
     if not equal:
         sys.exit("secure generation diverged from the plaintext tokens")
-
-
-def _plot(steps: list[float], prompt_len: int, latency, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    positions = range(len(steps))
-    left.bar(positions, steps, color=["tab:gray" if i < prompt_len else "tab:blue" for i in positions])
-    left.set_xlabel("position (gray: prompt, blue: generated)")
-    left.set_ylabel("seconds per encrypted step")
-    left.set_title("time per token grows with the encrypted KV cache")
-    kinds = sorted(latency.seconds, key=latency.seconds.get)
-    right.barh(kinds, [latency.seconds[k] for k in kinds], color="tab:orange")
-    right.set_xlabel("seconds (whole generation)")
-    right.set_title("per-operation breakdown")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

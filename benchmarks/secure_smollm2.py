@@ -29,7 +29,7 @@ import torch
 from hf_polyattn.ckks import CKKSParameters, SecureSession
 from hf_polyattn.ckks.costs import measure_op_costs, predict_seconds
 from hf_polyattn.conversion.checkpoints import load_checkpoint
-from report import command_line, write_results
+from report import command_line, plot_secure_steps, write_results
 
 PROMPT = (
     "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is Rome, "
@@ -176,32 +176,9 @@ def main(argv=None) -> None:
         + f"\n\n![time per step and breakdown]({args.results.with_suffix('.png').name})\n"
     )
     write_results(args.results, text)
-    _plot(session.step_seconds, len(ids[0]), predicted, latency, args.results.with_suffix(".png"))
+    plot_secure_steps(session.step_seconds, len(ids[0]), latency, args.results.with_suffix(".png"), predicted)
     if not equal:
         sys.exit("secure generation diverged from the plaintext tokens")
-
-
-def _plot(steps: list[float], prompt_len: int, predicted: dict[int, float], latency, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    positions = range(1, len(steps) + 1)
-    left.bar(positions, steps, color=["tab:gray" if i <= prompt_len else "tab:blue" for i in positions], label="measured")
-    far = sorted(predicted)
-    left.plot(far, [predicted[t] for t in far], "o--", color="tab:red", label="predicted")
-    left.set_xlabel("position T (gray: prompt, blue: generated)")
-    left.set_ylabel("seconds per encrypted step")
-    left.set_title("time per token vs position")
-    left.legend()
-    kinds = sorted(latency.seconds, key=latency.seconds.get)
-    right.barh(kinds, [latency.seconds[k] for k in kinds], color="tab:orange")
-    right.set_xlabel("seconds (whole generation)")
-    right.set_title("per-operation breakdown")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

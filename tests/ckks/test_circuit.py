@@ -22,26 +22,26 @@ class PlainVector:
         return other.values if isinstance(other, PlainVector) else other
 
     def __add__(self, other):
-        return PlainVector(self.values + self._other(other))
+        return type(self)(self.values + self._other(other))
 
     __radd__ = __add__
 
     def __sub__(self, other):
-        return PlainVector(self.values - self._other(other))
+        return type(self)(self.values - self._other(other))
 
     def __rsub__(self, other):
-        return PlainVector(self._other(other) - self.values)
+        return type(self)(self._other(other) - self.values)
 
     def __mul__(self, other):
-        return PlainVector(self.values * self._other(other))
+        return type(self)(self.values * self._other(other))
 
     __rmul__ = __mul__
 
     def __neg__(self):
-        return PlainVector(-self.values)
+        return type(self)(-self.values)
 
     def matmul(self, matrix):
-        return PlainVector(self.values @ matrix.matrix)
+        return type(self)(self.values @ matrix.matrix)
 
 
 def circuit_logits(model, ids: torch.Tensor) -> np.ndarray:
@@ -105,35 +105,14 @@ def test_a_built_server_is_a_snapshot_of_the_model():
 
 
 class TrackedVector(PlainVector):
-    """A `PlainVector` that remembers the largest magnitude any vector of the circuit reached."""
+    """A `PlainVector` that remembers the largest magnitude any vector of the circuit reached
+    (every operator of `PlainVector` makes its result with `type(self)`)."""
 
     largest = 0.0
 
     def __init__(self, values):
         super().__init__(values)
         TrackedVector.largest = max(TrackedVector.largest, float(np.abs(self.values).max()))
-
-    def __add__(self, other):
-        return TrackedVector(self.values + self._other(other))
-
-    __radd__ = __add__
-
-    def __sub__(self, other):
-        return TrackedVector(self.values - self._other(other))
-
-    def __rsub__(self, other):
-        return TrackedVector(self._other(other) - self.values)
-
-    def __mul__(self, other):
-        return TrackedVector(self.values * self._other(other))
-
-    __rmul__ = __mul__
-
-    def __neg__(self):
-        return TrackedVector(-self.values)
-
-    def matmul(self, matrix):
-        return TrackedVector(self.values @ matrix.matrix)
 
 
 @pytest.mark.parametrize("lm_head", [True, False])
