@@ -7,8 +7,9 @@ plaintext matrices it multiplies by, with every public factor folded in (see `ci
 Packing (one token at a time, as in generation): a token's hidden state is one ciphertext
 holding its `d` values repeated over all N/2 slots (TenSEAL's layout). Every linear step is a
 plaintext-matrix × ciphertext product (one level): baby-step giant-step on raw SEAL,
-`≈ 2·sqrt(rows)` rotations and `rows` plaintext products, when `rows` divides N/2, else
-TenSEAL's `matmul` (`matmul.py`). Attention of query `t` runs over the encrypted K/V of tokens
+`≈ 2·sqrt(rows)` rotations and `rows` plaintext products, for every shape; the head sums and the
+norms' mean of squares (block-diagonal matrices of ones) by `~2·log2(block)` rotations and one
+masked product (`matmul.py`). Attention of query `t` runs over the encrypted K/V of tokens
 `≤ t` kept from earlier steps (the encrypted KV cache), so a token costs one incremental step.
 """
 
@@ -17,7 +18,7 @@ import torch
 
 from ..modeling.circuit import CircuitPlan, DecoderCircuit, NormSite, ShapeMatrices, symbolic_run
 from .cipher import CipherEngine
-from .matmul import EncodingBudget, BlockSumMatrix, PlaintextMatrix, require_supported_product
+from .matmul import BlockSumMatrix, EncodingBudget, PlaintextMatrix, require_supported_product
 from .params import PRECISION_LIMIT, CKKSParameters
 from .profiler import LatencyProfiler
 from .refresh import Refresher
@@ -227,7 +228,7 @@ class CKKSServer:
         # A value may reach a refresh, and a client refreshes only values within its mask bound R
         # (x + r must stay in what the ring holds): with refreshes on, R is the limit.
         limit = self.value_limit()
-        what = "a refresh carries (the mask bound R; the client refuses more)" if self.engine.refresher else "this ring holds"
+        what = "a refresh carries (the mask bound R; the client refuses more)" if self.engine.refresher is not None else "this ring holds"
         for block in self.circuit_plan.blocks:
             low, high = block.attention.reciprocal.domain
             largest = max(1.0 / low, high)  # 1/x at the bottom of the domain, the powers at the top
