@@ -236,11 +236,20 @@ def test_an_interrupt_mid_step_leaves_a_session_that_resets_and_generates(tiny, 
     model, _ = tiny
     ids = random_ids(1, 3, seed=8)
     session = SecureSession(model, client=client, server=served.url)
-    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))  # Ctrl-C while the server is mid-sequence
-    timer.start()
+
+    def interrupt_mid_step():  # Ctrl-C halfway through the third step, while its request is in flight
+        deadline = time.monotonic() + 60  # (a fixed 1 s delay raced the engine, which got faster)
+        while len(session.step_seconds) < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(session.step_seconds[-1] / 2 if session.step_seconds else 0)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    watcher = threading.Thread(target=interrupt_mid_step)
+    watcher.start()
     with pytest.raises(KeyboardInterrupt):
         session.logits(torch.arange(3, 40))
-    timer.cancel()
+    watcher.join()
+    assert 2 <= len(session.step_seconds) < 37
     with pytest.raises(RuntimeError, match="unusable.*reset"):
         session.logits(ids[0])
     assert _secure(model, session, ids, 2) == _plain(model, ids, 2)  # generate() resets first
