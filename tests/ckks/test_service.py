@@ -238,7 +238,7 @@ def test_an_interrupt_mid_step_leaves_a_session_that_resets_and_generates(tiny, 
     session = SecureSession(model, client=client, server=served.url)
 
     def interrupt_mid_step():
-        # Ctrl-C halfway through the fifth of 80 steps, while its request is in flight: half the
+        # Ctrl-C halfway through the fifth of 37 steps, while its request is in flight: half the
         # fastest step so far (the first steps also encode the server's diagonals; a fixed 1 s
         # delay raced the engine, which got faster than that for the whole sequence)
         deadline = time.monotonic() + 60
@@ -250,9 +250,9 @@ def test_an_interrupt_mid_step_leaves_a_session_that_resets_and_generates(tiny, 
     watcher = threading.Thread(target=interrupt_mid_step)
     watcher.start()
     with pytest.raises(KeyboardInterrupt):
-        session.logits(torch.arange(3, 83))
+        session.logits(torch.arange(3, 40))  # (longer leaves the tiny model's calibrated range)
     watcher.join()
-    assert 4 <= len(session.step_seconds) < 80
+    assert 4 <= len(session.step_seconds) < 37
     with pytest.raises(RuntimeError, match="unusable.*reset"):
         session.logits(ids[0])
     assert _secure(model, session, ids, 2) == _plain(model, ids, 2)  # generate() resets first
