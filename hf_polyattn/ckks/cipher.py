@@ -10,7 +10,7 @@ import tenseal as ts
 
 from . import matmul
 from .client import key_id, load_vector
-from .matmul import EncodingBudget, BlockSumMatrix, PlaintextMatrix, require_supported_product
+from .matmul import BlockSumMatrix, EncodingBudget, PlaintextMatrix, require_supported_product
 from .profiler import LatencyProfiler
 from .refresh import Refresher
 from .seal_backend import SealBackend

@@ -203,20 +203,17 @@ def _window_sum(backend: SealBackend, ct: sealapi.Ciphertext, length: int, direc
     evaluator = backend.evaluator
     doubled = [ct]  # doubled[k]: the window of 2^k slots
     while 2 ** len(doubled) <= length:
-        last, width = doubled[-1], 2 ** (len(doubled) - 1)
-        total = sealapi.Ciphertext()
-        evaluator.add(last, backend.rotate(last, direction * width), total)
-        doubled.append(total)
+        window = backend.rotate(doubled[-1], direction * 2 ** (len(doubled) - 1))  # a new ciphertext
+        evaluator.add_inplace(window, doubled[-1])
+        doubled.append(window)
     result, offset = None, 0
-    for k in reversed(range(len(doubled))):
+    for k in reversed(range(len(doubled))):  # largest window first; none is read twice
         if length >> k & 1:
             term = doubled[k] if offset == 0 else backend.rotate(doubled[k], direction * offset)
             if result is None:
-                result = term
+                result = term  # `ct` itself only when length is 1, and then nothing is added to it
             else:
-                joined = sealapi.Ciphertext()
-                evaluator.add(result, term, joined)
-                result = joined
+                evaluator.add_inplace(result, term)
             offset += 2**k
     return result
 
