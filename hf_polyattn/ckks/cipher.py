@@ -10,7 +10,7 @@ import tenseal as ts
 
 from . import matmul
 from .client import key_id, load_vector
-from .matmul import BlockSumMatrix, EncodingBudget, PlaintextMatrix, require_supported_product
+from .matmul import BlockSumMatrix, CopyMask, CopySpread, EncodingBudget, PlaintextMatrix, require_supported_product
 from .profiler import LatencyProfiler
 from .refresh import Refresher
 from .seal_backend import SealBackend
@@ -63,7 +63,7 @@ class CipherEngine:
                 "a multiplication needs one more level than the ciphertext has and refreshing is disabled: "
                 "use a larger ring (more levels) or enable refreshes"
             )
-        return Cipher(self.refresher(cipher.vector, self.profiler), self)
+        return Cipher(self.refresher(cipher.vector, self.profiler, all_slots=cipher.packed), self, cipher.packed)
 
 
 class Cipher:
@@ -71,13 +71,18 @@ class Cipher:
 
     Plain lists and arrays are refused: TenSEAL zero-pads them across the slots (issue #462)
     and a later matmul is silently wrong; fold them into a matmul or encrypt them.
+
+    `packed`: its slots hold different values (the packed KV cache: a position per copy), not
+    `size` values repeated; a refresh then carries every slot, where it otherwise re-encrypts
+    the first `size` values repeated (which also drops what the other slots held).
     """
 
-    __slots__ = ("vector", "engine", "_refreshed")
+    __slots__ = ("vector", "engine", "packed", "_refreshed")
 
-    def __init__(self, vector: ts.CKKSVector, engine: CipherEngine):
+    def __init__(self, vector: ts.CKKSVector, engine: CipherEngine, packed: bool = False):
         self.vector = vector
         self.engine = engine
+        self.packed = packed
         self._refreshed: Cipher | None = None
 
     @property
@@ -121,13 +126,18 @@ class Cipher:
             high, low = (a, b) if a.level >= b.level else (b, a)
             with profiler.op("ct×ct mult"):
                 vector = high.vector * low.vector
-        else:
-            if other != 0 and abs(other) * self.engine.context.global_scale < 1:
-                raise ValueError(f"the constant {other!r} encodes to zero at this scale; drop the term")
-            with profiler.op("ct×pt mult"):
-                vector = a.vector * float(other)
-        self.engine.levels_consumed += 1
-        return Cipher(vector, self.engine)
+            return self._made(vector, other.packed)
+        if other != 0 and abs(other) * self.engine.context.global_scale < 1:
+            raise ValueError(f"the constant {other!r} encodes to zero at this scale; drop the term")
+        with profiler.op("ct×pt mult"):
+            vector = a.vector * float(other)
+        return self._made(vector)
+
+    def _made(self, vector: ts.CKKSVector, other_packed: bool = False, level: bool = True) -> "Cipher":
+        """The result of a product (a level) or an addition (`level=False`): packed if an operand is."""
+        if level:
+            self.engine.levels_consumed += 1
+        return Cipher(vector, self.engine, self.packed or other_packed)
 
     def _add(self, other, sign: float = 1.0) -> "Cipher":
         self._check(other)
@@ -142,9 +152,9 @@ class Cipher:
                 elif other.level > self.level:
                     theirs = self.engine.detached(theirs)
                 vector = mine + theirs if sign > 0 else mine - theirs
-            else:
-                vector = self.vector + float(sign * other)
-        return Cipher(vector, self.engine)
+                return self._made(vector, other.packed, level=False)
+            vector = self.vector + float(sign * other)
+        return self._made(vector, level=False)
 
     def __mul__(self, other):
         return self._multiply(other)
@@ -164,7 +174,7 @@ class Cipher:
 
     def __neg__(self):
         with self.engine.profiler.op("add"):
-            return Cipher(-self.vector, self.engine)
+            return self._made(-self.vector, level=False)
 
     def matmul(self, matrix: "PlaintextMatrix | list[list[float]]") -> "Cipher":
         """`self @ matrix` for a plaintext `(size × n)` matrix: baby-step giant-step on raw SEAL (see
@@ -177,13 +187,27 @@ class Cipher:
         seal = self.engine.seal
         require_supported_product(matrix.rows, matrix.cols, seal.slots)
         a = self._fresh_enough()
+        # packed out: a copy mask, a product writing some slots only, a block sum of packed values
+        packed = matrix.output_slots is not None
         with self.engine.profiler.op("pt×ct matmul"):
             if isinstance(matrix, BlockSumMatrix):
-                vector = matmul.block_sum(seal, a.vector, matrix)
+                vector, packed = matmul.block_sum(seal, a.vector, matrix), self.packed
+            elif isinstance(matrix, CopyMask):
+                vector, packed = matmul.copy_mask(seal, a.vector, matrix), True
+            elif isinstance(matrix, CopySpread):
+                vector = matmul.copy_spread(seal, a.vector, matrix)
             else:
                 vector = matmul.matmul(seal, a.vector, matrix, self.engine.encoding_budget)
         self.engine.levels_consumed += 1
-        return Cipher(vector, self.engine)
+        return Cipher(vector, self.engine, packed)
+
+    def rotate_sum(self, stride: int, count: int) -> "Cipher":
+        """`Σ_{i<count} rot(self, i·stride)` over the slots: no level (the packed KV cache's sum of
+        copies). The result is read from its first `size` slots (copy 0 holds the whole sum), so
+        it is not packed: a refresh repeats those, and drops what wrapped into the other copies
+        (partial sums that could pass the refresh's bound)."""
+        with self.engine.profiler.op("rotation"):
+            return Cipher(matmul.rotate_sum(self.engine.seal, self.vector, stride, count), self.engine)
 
     def serialize(self) -> bytes:
         with self.engine.profiler.op("serialization"):

@@ -16,21 +16,24 @@ import numpy as np
 
 from .cipher import CipherEngine
 from .client import CKKSClient
-from .matmul import BlockSumMatrix, PlaintextMatrix
+from .matmul import matrix_for_cost_key
 from .params import PRECISION_LIMIT, CKKSParameters
 from .refresh import ClientRoundTrip
 
 @dataclass(frozen=True)
 class OpCosts:
     """Seconds per primitive on one ring; `matmul` per product measured, by its cost key
-    (`(rows, cols)`, or `(rows, cols, block)` for a block sum by rotations)."""
+    (`(rows, cols)`, `(rows, cols, block)` for a block sum by rotations, `(rows, cols, kind)` for
+    the packed KV cache's masks and spreads); `rotation`: one rotation and the addition after it
+    (the sums over the packed cache's copies)."""
 
     params: CKKSParameters
     ct_ct: float
     ct_pt: float
     add: float
     refresh: float
-    matmul: dict[tuple[int, int], float]
+    matmul: dict[tuple, float]
+    rotation: float = 0.0
 
     def matmul_seconds(self, shape: tuple[int, ...]) -> float:
         if shape not in self.matmul:
@@ -67,21 +70,22 @@ def measure_op_costs(params: CKKSParameters, shapes, repeats: int = 3, seed: int
         spent = spent * 1.0
     refresh = best_of(repeats, lambda: engine.refresh(spent))[0]
     matmul = {}
-    for key in sorted(set(shapes)):
-        rows, cols = key[:2]
-        if len(key) == 3:  # a block sum, by rotations (`BlockSumMatrix`)
-            vector, matrix = fresh(rows), BlockSumMatrix(rows, key[2])
-        else:
-            vector, matrix = fresh(rows), PlaintextMatrix(rng.uniform(-1, 1, (rows, cols)))
+    for key in sorted(set(shapes), key=str):
+        vector, matrix = fresh(key[0]), matrix_for_cost_key(key, params.slots, rng)
         vector.matmul(matrix)  # encodes the diagonals once, as a server does for its weights
         matmul[key] = best_of(repeats, lambda: vector.matmul(matrix))[0]
-    return OpCosts(params, ct_ct, ct_pt, add, refresh, matmul)
+    # the copy sums rotate by multiples of the attention width (the packed products' rows); SEAL
+    # composes a step from power-of-two keys, so the stride matters
+    stride = max([key[0] for key in shapes if len(key) == 3 and isinstance(key[2], str)], default=1)
+    rotation = best_of(repeats, lambda: x.rotate_sum(stride, 2))[0]
+    return OpCosts(params, ct_ct, ct_pt, add, refresh, matmul, rotation)
 
 
 def predict_seconds(plan: dict, costs: OpCosts) -> float:
     """Predicted seconds of a plan (`CKKSServer.plan`) on the ring `costs` were measured on."""
     ops = plan["ops"]
     seconds = ops.get("ct×ct", 0) * costs.ct_ct + ops.get("ct×pt", 0) * costs.ct_pt + ops.get("add", 0) * costs.add
+    seconds += ops.get("rotation", 0) * costs.rotation
     seconds += plan["refreshes"] * costs.refresh
     seconds += sum(count * costs.matmul_seconds(shape) for shape, count in plan["matmuls"].items())
     return seconds

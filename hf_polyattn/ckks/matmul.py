@@ -97,14 +97,18 @@ class PlaintextMatrix:
 
     `reusable=False`: a matrix used for one product (a position's RoPE-folded projection) is
     encoded for that product and never kept, so it spends no encoding budget.
+    `output_slots`: a 0/1 mask over the slots; the product writes those slots only (every other
+    slot is 0), at no cost: each diagonal is masked before it is encoded (the packed KV cache
+    puts a position's key in one copy so).
     """
 
-    def __init__(self, matrix, reusable: bool = True):
+    def __init__(self, matrix, reusable: bool = True, output_slots: np.ndarray | None = None):
         self.reusable = reusable
         self.matrix = np.asarray(matrix, dtype=np.float64)
         if self.matrix.ndim != 2:
             raise ValueError(f"a plaintext matrix must be 2-D, got shape {self.matrix.shape}")
         self.rows, self.cols = self.matrix.shape
+        self.output_slots = output_slots
         self._encoded: dict[tuple, dict] = {}
 
     @property
@@ -129,6 +133,8 @@ class PlaintextMatrix:
         for k in range(self.rows):
             g, b = divmod(k, n1)
             diagonal = self.matrix[(j + k) % self.rows, j % self.cols]
+            if self.output_slots is not None:
+                diagonal = diagonal * self.output_slots
             if diagonal.any():  # a zero diagonal adds nothing (and SEAL refuses its product)
                 encoded[(g, b)] = backend.encode(np.roll(diagonal, g * n1), parms_id)
         if not self.reusable:
@@ -199,7 +205,8 @@ def block_sum(backend: SealBackend, vector: ts.CKKSVector, matrix: BlockSumMatri
 
 def _window_sum(backend: SealBackend, ct: sealapi.Ciphertext, length: int, direction: int) -> sealapi.Ciphertext:
     """`Σ_{i<length} rot(ct, direction·i)`: sums of 1, 2, 4, … slots by doubling, then the binary
-    digits of `length` joined (`floor(log2 length) + popcount(length) - 1` rotations)."""
+    digits of `length` joined (`floor(log2 length) + popcount(length) - 1` rotations,
+    `symbolic.window_sum_rotations`). `direction` is the stride (negative: the other way)."""
     evaluator = backend.evaluator
     doubled = [ct]  # doubled[k]: the window of 2^k slots
     while 2 ** len(doubled) <= length:
@@ -216,6 +223,123 @@ def _window_sum(backend: SealBackend, ct: sealapi.Ciphertext, length: int, direc
                 evaluator.add_inplace(result, term)
             offset += 2**k
     return result
+
+
+def rotate_sum(backend: SealBackend, vector: ts.CKKSVector, stride: int, count: int) -> ts.CKKSVector:
+    """`Σ_{i<count} rot(vector, i·stride)`, no level: the packed KV cache's sum over its copies."""
+    ct = vector.ciphertext()[0]
+    if count == 1:
+        return vector
+    return backend.to_vector(_window_sum(backend, ct, count, stride), vector.size())
+
+
+class CopyMask(PlaintextMatrix):
+    """The identity on copy `copy` of a `width`-value vector repeated over the slots, 0 elsewhere:
+    one plaintext product (a level), where the general product would take `width` diagonals.
+    The packed KV cache puts a position's value in its copy so."""
+
+    def __init__(self, width: int, slots: int, copy: int):
+        if not 0 <= copy < slots // width:
+            raise ValueError(f"{slots} slots hold {slots // width} whole copies of {width} values, not copy {copy}")
+        self.reusable, self.matrix, self.output_slots = True, None, None
+        self.rows = self.cols = width
+        self.slots, self.copy = slots, copy
+        self._masks: dict[tuple, sealapi.Plaintext] = {}
+
+    @property
+    def cost_key(self) -> tuple:
+        return (*self.shape, "copy_mask")
+
+    def mask_values(self) -> np.ndarray:
+        position = np.arange(self.slots)
+        return (position // self.rows == self.copy).astype(np.float64)
+
+    def mask(self, backend: SealBackend, parms_id) -> sealapi.Plaintext:
+        key = tuple(parms_id)
+        if key not in self._masks:
+            self._masks[key] = backend.encode(self.mask_values(), parms_id)
+        return self._masks[key]
+
+
+class CopySpread(PlaintextMatrix):
+    """Copy 0 of a `width`-value vector spread over every slot in the replicated layout (TenSEAL's:
+    whole copies, then the cut one): copy 0 masked (and, for the cut copy, its first values), then
+    rotated into place. One level; what the other copies held is dropped. The packed KV cache's
+    sums over copies need it when the copies do not fill the slots: only copy 0 holds the whole
+    sum there (the others' windows wrap past the cut copy)."""
+
+    def __init__(self, width: int, slots: int):
+        if slots // width < 1:
+            raise ValueError(f"a width of {width} does not fit in {slots} slots")
+        self.reusable, self.matrix, self.output_slots = True, None, None
+        self.rows = self.cols = width
+        self.slots = slots
+        self._masks: dict[tuple, tuple] = {}
+
+    @property
+    def cost_key(self) -> tuple:
+        return (*self.shape, "copy_spread")
+
+    @property
+    def copies(self) -> int:
+        return self.slots // self.rows
+
+    @property
+    def cut(self) -> int:
+        """Values in the last, cut copy."""
+        return self.slots - self.copies * self.rows
+
+    def masks(self, backend: SealBackend, parms_id) -> tuple:
+        """The masks of copy 0 and of the cut copy's values (`None` when the copies fill the slots)."""
+        key = tuple(parms_id)
+        if key not in self._masks:
+            position = np.arange(self.slots)
+            whole = backend.encode((position < self.rows).astype(np.float64), parms_id)
+            cut = backend.encode((position < self.cut).astype(np.float64), parms_id) if self.cut else None
+            self._masks[key] = (whole, cut)
+        return self._masks[key]
+
+
+def _masked(backend: SealBackend, ct: sealapi.Ciphertext, mask: sealapi.Plaintext) -> sealapi.Ciphertext:
+    """`ct ⊙ mask`, rescaled (one level)."""
+    product = sealapi.Ciphertext()
+    backend.evaluator.multiply_plain(ct, mask, product)
+    backend.evaluator.rescale_to_next_inplace(product)
+    product.scale = backend.scale  # as after every rescale here: the prime is ≈ the scale
+    return product
+
+
+def copy_mask(backend: SealBackend, vector: ts.CKKSVector, matrix: CopyMask) -> ts.CKKSVector:
+    """`vector` with every slot outside copy `matrix.copy` zeroed: one level."""
+    ct = vector.ciphertext()[0]
+    return backend.to_vector(_masked(backend, ct, matrix.mask(backend, ct.parms_id())), matrix.cols)
+
+
+def copy_spread(backend: SealBackend, vector: ts.CKKSVector, matrix: CopySpread) -> ts.CKKSVector:
+    """Copy 0 of `vector` in every copy, and its first values in the cut copy: one level,
+    `window_sum_rotations(copies)` rotations (+1 for the cut copy)."""
+    ct = vector.ciphertext()[0]
+    whole, cut = matrix.masks(backend, ct.parms_id())
+    spread = _window_sum(backend, _masked(backend, ct, whole), matrix.copies, -matrix.rows)
+    if cut is not None:
+        # its own mask: rotating all of copy 0 there would wrap its other values onto copy 0
+        tail = backend.rotate(_masked(backend, ct, cut), -matrix.copies * matrix.rows)
+        backend.evaluator.add_inplace(spread, tail)
+    return backend.to_vector(spread, matrix.cols)
+
+
+def matrix_for_cost_key(key: tuple, slots: int, rng: np.random.Generator) -> PlaintextMatrix:
+    """A matrix whose product costs what `key` (a `cost_key`) prices: random weights of that shape,
+    or the block sum, copy mask or copy spread of that width (`costs.measure_op_costs`)."""
+    rows, cols = key[:2]
+    if len(key) == 2:
+        return PlaintextMatrix(rng.uniform(-1, 1, (rows, cols)))
+    kind = key[2]
+    if kind == "copy_mask":
+        return CopyMask(rows, slots, 0)
+    if kind == "copy_spread":
+        return CopySpread(rows, slots)
+    return BlockSumMatrix(rows, kind)
 
 
 def periodic(rows: int, slots: int) -> bool:

@@ -11,9 +11,10 @@ from .seal_backend import SealBackend
 
 
 class Refresher(Protocol):
-    """Turns a ciphertext at its last level into a fresh one with the same values."""
+    """Turns a ciphertext at its last level into a fresh one with the same values (`all_slots`:
+    every slot's own value, else the vector's values repeated over the slots)."""
 
-    def __call__(self, vector: ts.CKKSVector, profiler) -> ts.CKKSVector: ...
+    def __call__(self, vector: ts.CKKSVector, profiler, all_slots: bool = False) -> ts.CKKSVector: ...
 
 
 class ClientRoundTrip:
@@ -21,6 +22,10 @@ class ClientRoundTrip:
     plaintext, repeated over every slot like the vector itself), the client decrypts and
     re-encrypts `x + r`, the server subtracts `r`. The client never learns `r`, so the mask needs
     no encryption; only fresh ciphertexts ever reach the server.
+
+    A packed ciphertext (`all_slots`: the KV cache's copies hold different positions) travels as
+    a vector of every slot, each masked by its own draw; otherwise the vector's values and their
+    mask are repeated over the slots, as TenSEAL lays them out.
 
     Hiding: for values bounded by `|x| ≤ B`, each slot the client sees is within statistical
     distance `B / R` of uniform. With the default `R = 2^16`, `benchmarks/refresh_hiding.py`
@@ -52,10 +57,10 @@ class ClientRoundTrip:
         bits = np.frombuffer(os.urandom(8 * size), dtype=np.uint64) >> np.uint64(11)
         return (bits * 2.0**-53 * 2.0 - 1.0) * self.mask_bound
 
-    def __call__(self, vector: ts.CKKSVector, profiler) -> ts.CKKSVector:
+    def __call__(self, vector: ts.CKKSVector, profiler, all_slots: bool = False) -> ts.CKKSVector:
         context = vector.context()  # the server's public context
         backend = self._backend(context)
-        size = vector.size()
+        size = backend.slots if all_slots else vector.size()
         with profiler.op("refresh"):
             mask = self.draw_mask(size)
             masked = self.client.key_id + backend.serialize(backend.add_plain(vector, mask), size)
@@ -64,4 +69,4 @@ class ClientRoundTrip:
             profiler.bytes["to_server"] += len(fresh)
             profiler.refreshes += 1
             unmasked = backend.add_plain(ts.ckks_vector_from(context, fresh), -mask)
-            return backend.to_vector(unmasked, size)
+            return backend.to_vector(unmasked, vector.size())

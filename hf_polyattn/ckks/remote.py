@@ -62,9 +62,8 @@ class RemoteServer:
         self.timeouts = (open_timeout, reply_timeout, keepalive)
         self._ssl = ssl.create_default_context(cafile=cafile) if url.startswith("wss://") else None
         self.fingerprint = model_fingerprint(model)
-        config = model.config
-        heads = config.num_attention_heads * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
-        self.max_refresh_size = max(config.hidden_size, config.intermediate_size, heads)
+        # a packed ciphertext of the KV cache is refreshed in every slot
+        self.max_refresh_size = self.client.params.slots
         self.transcript: list[bytes] | None = [] if keep_transcript else None
         self._connection = None
         self._open()

@@ -11,6 +11,8 @@ plaintext-matrix × ciphertext product (one level): baby-step giant-step on raw 
 norms' mean of squares (block-diagonal matrices of ones) by `~2·log2(block)` rotations and one
 masked product (`matmul.py`). Attention of query `t` runs over the encrypted K/V of tokens
 `≤ t` kept from earlier steps (the encrypted KV cache), so a token costs one incremental step.
+The cache is packed: as many positions per ciphertext as the slots hold copies of the attention
+width (`kv_copies`; see `circuit.py`), so the per-key work is paid once per ciphertext.
 """
 
 import numpy as np
@@ -18,7 +20,7 @@ import torch
 
 from ..modeling.circuit import CircuitPlan, DecoderCircuit, NormSite, ShapeMatrices, symbolic_run
 from .cipher import CipherEngine
-from .matmul import BlockSumMatrix, EncodingBudget, PlaintextMatrix, require_supported_product
+from .matmul import BlockSumMatrix, CopyMask, CopySpread, EncodingBudget, PlaintextMatrix, require_supported_product
 from .params import PRECISION_LIMIT, CKKSParameters
 from .profiler import LatencyProfiler
 from .refresh import Refresher
@@ -79,6 +81,14 @@ class LayerMatrices:
         # By rotations (`BlockSumMatrix`), a cost paid once per cached key.
         return BlockSumMatrix(self.heads * self.head_dim, self.head_dim, factor ** (1 / self.plan.power))
 
+    def _copy_slots(self, position: int) -> np.ndarray | None:
+        """The slots of `position`'s copy in the packed KV cache (`None`: not packed)."""
+        plan = self.plan
+        if plan.kv_copies == 1:
+            return None
+        copy = position % plan.kv_copies
+        return (np.arange(plan.slots) // plan.width == copy).astype(np.float64)
+
     def at(self, name: str, position: int) -> PlaintextMatrix:
         """A matrix of `position`: `W_q` / `W_k` with its RoPE, the head sums of the mean form."""
         if name in self.fixed:
@@ -89,10 +99,12 @@ class LayerMatrices:
             dummy = torch.zeros(1, 1, self.head_dim, dtype=torch.float64)
             cos, sin = self._rotary(dummy, position_ids=torch.tensor([[position]]))
             rope = _rope_matrix(cos[0, 0].double().numpy(), sin[0, 0].double().numpy())
-            # used once each (this position, this layer): encoded for the product, never kept
+            # used once each (this position, this layer): encoded for the product, never kept; the
+            # key written into its copy of the packed cache only
             matrices = {
                 "query": PlaintextMatrix(self.wq @ np.kron(np.eye(self.heads), rope) * self.score_factor, reusable=False),
-                "key": PlaintextMatrix(self.wk @ np.kron(np.eye(self.kv_heads), rope) @ self.expand_kv, reusable=False),
+                "key": PlaintextMatrix(self.wk @ np.kron(np.eye(self.kv_heads), rope) @ self.expand_kv, reusable=False,
+                                       output_slots=self._copy_slots(position)),
             }
             if self.plan.mean_form:
                 matrices["score_sum"] = self._score_sum(self.gain / (position + 1))
@@ -109,6 +121,9 @@ class ServerMatrices:
         gamma = base.norm.weight.detach().double().numpy()[:, None] / plan.residual_scale
         self.head = PlaintextMatrix(gamma * model.lm_head.weight.detach().double().numpy().T) if lm_head else None
         self._norm_sums: dict[str, PlaintextMatrix] = {}
+        # the packed KV cache's slot-wise products (one mask per copy), shared by every layer
+        self.copy_masks = [CopyMask(plan.width, plan.slots, copy) for copy in range(plan.kv_copies)] if plan.kv_copies > 1 else []
+        self.copy_spread = CopySpread(plan.width, plan.slots) if plan.kv_copies > 1 else None
 
     def matrix(self, name: str, block: int | None = None, position: int | None = None, site: NormSite | None = None):
         if name == "norm_sum":  # Σ x² times a/n, in every slot: the inverse sqrt's input, no broadcast after
@@ -117,6 +132,10 @@ class ServerMatrices:
             return self._norm_sums[site.name]
         if name == "head":
             return self.head
+        if name == "copy_mask":
+            return self.copy_masks[position % len(self.copy_masks)]
+        if name == "copy_spread":
+            return self.copy_spread
         return self.layers[block].at(name, position)
 
 
@@ -181,6 +200,9 @@ class CKKSServer:
         encoding_budget: bytes of encoded weight diagonals kept between products (default: half
             the memory available; a 30-layer SmolLM2 needs ~1 GB a layer); past it they are
             encoded again at each use, slower but the same result.
+        kv_copies: cached positions packed per KV ciphertext (default: as many copies of the
+            attention width as the slots hold, e.g. 7 for SmolLM2's 576 on 4096 slots; 1: one
+            ciphertext per position, as before).
     """
 
     def __init__(
@@ -192,6 +214,7 @@ class CKKSServer:
         lm_head: bool = True,
         max_tokens: int = 64,
         encoding_budget: int | None = None,
+        kv_copies: int | None = None,
     ):
         require_encryptable(model)
         self.engine = CipherEngine(public_context, refresher, profiler, EncodingBudget(encoding_budget))
@@ -200,7 +223,8 @@ class CKKSServer:
         self.max_tokens = max_tokens
         self.lm_head = lm_head
         self.circuit_plan = CircuitPlan.from_model(
-            model, normaliser_resolution=self.precision() / PRECISION_LIMIT, value_limit=self.value_limit()
+            model, normaliser_resolution=self.precision() / PRECISION_LIMIT, value_limit=self.value_limit(),
+            slots=self.engine.seal.slots, kv_copies=kv_copies,
         )
         self.circuit = DecoderCircuit(self.circuit_plan, ServerMatrices(model, self.circuit_plan, lm_head), self.engine.profiler, lm_head)
         self._check_budget()

@@ -44,6 +44,8 @@ class SecureSession:
         cafile: with a `wss://` URL, the certificate authority to trust (a self-signed server).
         encoding_budget: with `server="in-process"`, the bytes of encoded weight diagonals the
             server keeps (`CKKSServer`; default half the available memory).
+        kv_copies: with `server="in-process"`, positions packed per KV ciphertext (`CKKSServer`;
+            default as many as the slots hold).
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class SecureSession:
         token: str | None = None,
         cafile: str | None = None,
         encoding_budget: int | None = None,
+        kv_copies: int | None = None,
     ):
         if lm_head not in ("server", "client"):
             raise ValueError(f"lm_head must be 'server' or 'client', got {lm_head!r}")
@@ -85,7 +88,7 @@ class SecureSession:
             refresher = ClientRoundTrip(self.client, seed=mask_seed)
             self.server = CKKSServer(
                 model, self.client.public_context(), refresher, self.profiler, lm_head=on_server, max_tokens=max_tokens,
-                encoding_budget=encoding_budget,
+                encoding_budget=encoding_budget, kv_copies=kv_copies,
             )
         self.step_seconds: list[float] = []
         self.prefill_tokens = 0  # the first call after a reset: the prompt

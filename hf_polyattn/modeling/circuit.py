@@ -26,7 +26,15 @@ plaintext product before it, at no level cost:
 
 The powers multiply the values while the reciprocal is computed, so the reciprocal is applied
 once per query (not once per key), and the head sums come out spread over each head's slots (no
-broadcast product). Public factors are folded as before: the norm weights into the next projection, RoPE of the
+broadcast product).
+
+The KV cache is packed on a ring (`CircuitPlan.kv_copies`): a vector of the attention's width `w`
+fills the slots with `slots // w` copies, so `c` cached positions share one ciphertext, position
+`t` in copy `t mod c` (the key product's output masked to that copy, free; the value masked by a
+product off the critical path). One `q ⊙ k`, head sum and power then serve `c` keys at once; the
+normaliser and the weighted values are summed over the copies by rotations (no level) and, where
+the copies do not fill the slots exactly, the sum (right in copy 0) is masked and spread back over
+every copy (one level). Public factors are folded as before: the norm weights into the next projection, RoPE of the
 (public) position, `1/sqrt(head_dim)` and the score scale `1/C` into `W_q`, grouped KV heads into
 `W_k`, `W_v`.
 """
@@ -137,13 +145,22 @@ class CircuitPlan:
     blocks: tuple[BlockPlan, ...]
     final_norm: NormSite
     residual_scale: float = 1.0
+    kv_copies: int = 1  # cached positions per KV ciphertext (1: one ciphertext per position)
+    slots: int | None = None  # the ring's slots (None: no ring, nothing packed)
 
     @property
     def width(self) -> int:
         return self.heads * self.head_dim
 
+    @property
+    def copies_fill_slots(self) -> bool:
+        """Whether the packed copies fill the slots exactly: their rotation sum is then right in every
+        copy, with no spread."""
+        return self.slots is not None and self.kv_copies * self.width == self.slots
+
     @classmethod
-    def from_model(cls, model, normaliser_resolution: float | None = None, value_limit: float | None = None) -> "CircuitPlan":
+    def from_model(cls, model, normaliser_resolution: float | None = None, value_limit: float | None = None,
+                   slots: int | None = None, kv_copies: int | None = None) -> "CircuitPlan":
         """The plan of a PolyAttn model (or its base model) in polynomial form.
 
         `normaliser_resolution`: the smallest attention normaliser the ring resolves (the CKKS
@@ -153,6 +170,8 @@ class CircuitPlan:
         norm's squares could pass it (real LLMs have a few residual values in the hundreds, so
         `x²` reaches ~1e5), the residual stream runs scaled by a power of two
         (`residual_scale`, see `residual_scale_for`).
+        `slots`: the ring's slot count; the KV cache then packs `kv_copies` positions per ciphertext
+        (default: as many copies of the attention's width as the slots hold; 1: no packing).
         """
         config = model.config
         base = getattr(model, "base_model", model)
@@ -162,6 +181,7 @@ class CircuitPlan:
         attentions = score_scaled_attentions(base)
         hidden, width = config.hidden_size, config.num_attention_heads * base.layers[0].self_attn.head_dim
         head_dim = base.layers[0].self_attn.head_dim
+        copies = kv_copies_for(width, slots, kv_copies)
 
         residual_norms = [f"layers.{i}.{n}" for i in range(config.num_hidden_layers)
                           for n in ("input_layernorm", "post_attention_layernorm")] + ["norm"]
@@ -215,7 +235,23 @@ class CircuitPlan:
             blocks=tuple(blocks),
             final_norm=norm("norm", hidden, hidden),
             residual_scale=residual_scale,
+            kv_copies=copies,
+            slots=slots,
         )
+
+
+def kv_copies_for(width: int, slots: int | None, requested: int | None = None) -> int:
+    """Cached positions per KV ciphertext: `requested`, or as many copies of `width` as `slots` hold."""
+    if slots is None:
+        if requested not in (None, 1):
+            raise ValueError("packing the KV cache needs the ring's slot count")
+        return 1
+    fit = max(slots // width, 1)
+    if requested is None:
+        return fit
+    if not 1 <= requested <= fit:
+        raise ValueError(f"kv_copies must be in [1, {fit}] ({slots} slots hold {fit} copies of width {width}), got {requested}")
+    return requested
 
 
 def residual_scale_for(norms: list[tuple[Approximation, int]], value_limit: float | None) -> float:
@@ -235,19 +271,23 @@ def residual_scale_for(norms: list[tuple[Approximation, int]], value_limit: floa
 @dataclass(frozen=True)
 class MatrixShape:
     """A plaintext matrix known by its shape only (what a symbolic run needs); `block`: a
-    block-diagonal matrix of ones, summed by rotations (a CKKS backend's `BlockSumMatrix`)."""
+    block-diagonal matrix of ones, summed by rotations (a CKKS backend's `BlockSumMatrix`);
+    `kind`: a slot-wise product of the packed KV cache ("copy_mask", "copy_spread")."""
 
     rows: int
     cols: int
     block: int | None = None
+    kind: str | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.rows, self.cols
 
     @property
-    def cost_key(self) -> tuple[int, ...]:
-        """What prices the product: its shape, and the block of a rotation product."""
+    def cost_key(self) -> tuple:
+        """What prices the product: its shape, and the block of a rotation product or its kind."""
+        if self.kind is not None:
+            return (*self.shape, self.kind)
         return self.shape if self.block is None else (*self.shape, self.block)
 
 
@@ -271,6 +311,8 @@ class ShapeMatrices:
             return MatrixShape(site.width, site.width)
         if name == "score_sum":  # each head's q ⊙ k summed and spread over the head
             return MatrixShape(w, w, p.head_dim)
+        if name in ("copy_mask", "copy_spread"):  # the packed KV cache's slot-wise products
+            return MatrixShape(w, w, kind=name)
         return MatrixShape(*shapes[name])
 
 
@@ -320,13 +362,32 @@ class DecoderCircuit:
 
     def reset(self) -> None:
         """Start a new sequence: drop the cached keys and values."""
+        # per block: ciphertexts of `plan.kv_copies` positions each (the last one filling up)
         self.keys: list[list[Any]] = [[] for _ in self.plan.blocks]
         self.values: list[list[Any]] = [[] for _ in self.plan.blocks]
+        self.cached: list[int] = [0 for _ in self.plan.blocks]  # positions in each block's cache
 
     @property
     def position(self) -> int:
         """Tokens of the current sequence already through every block."""
-        return len(self.keys[-1])
+        return self.cached[-1]
+
+    def _cache(self, index: int, key, value) -> None:
+        """Append a position's key and value: a new ciphertext in copy 0, else added into the last."""
+        if self.cached[index] % self.plan.kv_copies == 0:
+            self.keys[index].append(key)
+            self.values[index].append(value)
+        else:
+            self.keys[index][-1] = self.keys[index][-1] + key
+            self.values[index][-1] = self.values[index][-1] + value
+        self.cached[index] += 1
+
+    def _sum_copies(self, x):
+        """The sum of a packed vector's copies, in every copy: rotations, then (when the copies do
+        not fill the slots, so only copy 0 holds the whole sum) that copy masked and spread."""
+        p = self.plan
+        x = x.rotate_sum(p.width, p.kv_copies)
+        return x if p.copies_fill_slots else x.matmul(self._matrix("copy_spread"))
 
     def _matrix(self, name: str, block: int | None = None, position: int | None = None, site=None):
         return self.matrices.matrix(name, block=block, position=position, site=site)
@@ -345,24 +406,32 @@ class DecoderCircuit:
         # This token's position: the keys this block cached before it (an earlier block of the
         # same step has already appended the token to its own cache).
         p, index = self.plan, block.index
-        position = len(self.keys[index])
+        position = self.cached[index]
+        packed = p.kv_copies > 1
         with self.profiler.step("pt×ct matmul"):
             query = y.matmul(self._matrix("query", index, position))
+            # packed: the key's product writes its copy only (the position's matrix is masked)
             key = y.matmul(self._matrix("key", index, position))
             value = y.matmul(self._matrix("value", index))
         if block.query_norm is not None:  # normalised per head before RoPE (Gemma 3, Qwen 3)
             query = self.norm(query, block.query_norm).matmul(self._matrix("query_rope", index, position))
             key = self.norm(key, block.key_norm).matmul(self._matrix("key_rope", index, position))
-        self.keys[index].append(key)
-        self.values[index].append(value)
+        if packed:  # the value into its copy: a level, while the scores take four
+            with self.profiler.step("kv packing"):
+                value = value.matmul(self._matrix("copy_mask", index, position))
+        self._cache(index, key, value)
         score_sum = self._matrix("score_sum", index, position)
         with self.profiler.step("ct×ct matmul"):
             scores = [(query * cached).matmul(score_sum) for cached in self.keys[index]]
         with self.profiler.step("power-softmax"):
             powers = [_power(score, p.power) for score in scores]
-            normaliser = _total(powers) + block.attention.offset
+            normaliser = _total(powers)
         with self.profiler.step("ct×ct matmul"):
             weighted = _total([term * cached for term, cached in zip(powers, self.values[index])])
+        if packed:
+            with self.profiler.step("kv packing"):
+                normaliser, weighted = self._sum_copies(normaliser), self._sum_copies(weighted)
+        normaliser = normaliser + block.attention.offset
         with self.profiler.step("reciprocal"):
             inverse = block.attention.reciprocal_of(normaliser)
         with self.profiler.step("ct×ct matmul"):
@@ -409,7 +478,7 @@ class DecoderCircuit:
         """One token: its hidden state (after the embedding) in, logits (or the final norm) out.
         A step that fails midway (a refused refresh, a lost client) leaves the KV cache as it was
         before it, so the sequence can go on from the same position."""
-        start = self.position
+        before = ([list(keys) for keys in self.keys], [list(values) for values in self.values], list(self.cached))
         if self.plan.residual_scale != 1.0:
             hidden = hidden * self.plan.residual_scale
         try:
@@ -417,8 +486,7 @@ class DecoderCircuit:
                 hidden = self.block(block, hidden)
             return self.head(hidden)
         except BaseException:
-            for keys, values in zip(self.keys, self.values):
-                del keys[start:], values[start:]
+            self.keys, self.values, self.cached = before
             raise
 
 
@@ -463,6 +531,7 @@ __all__ = [
     "NormSite",
     "ShapeMatrices",
     "circuit_depths",
+    "kv_copies_for",
     "residual_scale_for",
     "symbolic_run",
 ]

@@ -7,12 +7,20 @@ counts what a CKKS backend would do: ct×ct and ct×pt products, additions, plai
 products by shape, levels consumed and, on a ring with `top_level` levels, the refreshes.
 
 Depth convention (the server's): a product of two ciphertexts, of a ciphertext by a number and a
-plaintext-matrix product each consume one level; additions and adding numbers are free.
+plaintext-matrix product each consume one level; additions, adding numbers and rotations are free.
 """
 
 from collections import Counter
 from numbers import Real
 from typing import Any
+
+
+def window_sum_rotations(count: int) -> int:
+    """Rotations in `Σ_{i<count} rot(x, i·stride)` by doubling windows joined by the binary digits of
+    `count` (what a CKKS backend's window sum does): `floor(log2 count) + popcount(count) - 1`."""
+    if count < 1:
+        raise ValueError(f"a window sum needs count >= 1, got {count}")
+    return count.bit_length() - 1 + bin(count).count("1") - 1
 
 
 class CircuitTally:
@@ -30,7 +38,7 @@ class CircuitTally:
         self.refresh_allowed = refresh_allowed
         self.levels_consumed = 0
         self.refreshes = 0
-        self.ops: Counter = Counter()  # "ct×ct", "ct×pt", "add"
+        self.ops: Counter = Counter()  # "ct×ct", "ct×pt", "add", "rotation"
         self.matmuls: Counter = Counter()  # every plaintext-matrix product by what prices it: (rows, cols[, block])
 
     def fresh(self, size: int = 1) -> "SymbolicCipher":
@@ -107,6 +115,12 @@ class SymbolicCipher:
         self.tally.matmuls[getattr(matrix, "cost_key", (rows, cols))] += 1
         return SymbolicCipher(cols, a.depth + 1, self.tally)
 
+    def rotate_sum(self, stride: int, count: int) -> "SymbolicCipher":
+        """`Σ_{i<count} rot(self, i·stride)`: no level; counted as its rotations (each with the
+        addition that follows it, which the measured cost of a rotation includes)."""
+        self.tally.ops["rotation"] += window_sum_rotations(count)
+        return SymbolicCipher(self.size, self.depth, self.tally)
+
     def serialize(self) -> None:
         return None
 
@@ -122,4 +136,4 @@ def measure_circuit(circuit, size: int = 1) -> dict[str, int]:
     return {"depth": depth, "ct_ct": tally.ops["ct×ct"], "ct_pt": tally.ops["ct×pt"]}
 
 
-__all__ = ["CircuitTally", "SymbolicCipher", "measure_circuit"]
+__all__ = ["CircuitTally", "SymbolicCipher", "measure_circuit", "window_sum_rotations"]

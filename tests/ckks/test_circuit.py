@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hf_polyattn.ckks import CKKSClient, CKKSServer, ClientRoundTrip
+from hf_polyattn.ckks.matmul import BlockSumMatrix, CopyMask, CopySpread
 from hf_polyattn.ckks.server import ServerMatrices
 from hf_polyattn.modeling.circuit import CircuitPlan, DecoderCircuit, ShapeMatrices, circuit_depths, symbolic_run
 from hf_polyattn.modeling.symbolic import CircuitTally
@@ -42,6 +43,37 @@ class PlainVector:
 
     def matmul(self, matrix):
         return type(self)(self.values @ matrix.matrix)
+
+
+class SlotVector(PlainVector):
+    """A vector over every slot of a ring, with the server's slot semantics in numpy: the reference
+    for the packed KV cache's layout. Products by weight matrices check that their input is the
+    replicated layout (`np.resize` of its first `rows` values: what every product assumes) and
+    write theirs so, masked to the matrix's `output_slots`; rotations are `np.roll`."""
+
+    def matmul(self, matrix):
+        x, slots = self.values, len(self.values)
+        if isinstance(matrix, CopyMask):
+            return type(self)(x * matrix.mask_values())
+        if isinstance(matrix, CopySpread):  # copy 0, everywhere
+            return type(self)(np.resize(x[: matrix.rows], slots))
+        if isinstance(matrix, BlockSumMatrix):  # each block of slots summed (blocks tile the slots here)
+            assert slots % matrix.rows == 0
+            sums = x.reshape(-1, matrix.block).sum(1, keepdims=True) * matrix.factor
+            return type(self)(np.broadcast_to(sums, (slots // matrix.block, matrix.block)).ravel())
+        assert np.allclose(x, np.resize(x[: matrix.rows], slots), rtol=0, atol=1e-12 * max(1.0, np.abs(x).max()))
+        y = np.resize(x[: matrix.rows] @ matrix.matrix, slots)
+        return type(self)(y if matrix.output_slots is None else y * matrix.output_slots)
+
+    def rotate_sum(self, stride: int, count: int):
+        return type(self)(sum(np.roll(self.values, -i * stride) for i in range(count)))
+
+
+def server_circuit_logits(server, embeddings: np.ndarray, vocab: int) -> np.ndarray:
+    """The server's own circuit and matrices, on unencrypted slot vectors."""
+    server.reset()
+    slots = server.engine.seal.slots
+    return np.stack([server.circuit.step(SlotVector(np.resize(e, slots))).values[:vocab] for e in embeddings])
 
 
 def circuit_logits(model, ids: torch.Tensor) -> np.ndarray:
@@ -94,14 +126,49 @@ def test_a_built_server_is_a_snapshot_of_the_model():
     server = CKKSServer(model, client.public_context(), ClientRoundTrip(client))
 
     def server_logits():  # the server's own circuit and matrices, on unencrypted vectors
-        server.reset()
-        return np.stack([server.circuit.step(PlainVector(e)).values for e in embeddings])
+        return server_circuit_logits(server, embeddings, model.config.vocab_size)
 
     before = server_logits()
     model.to_exact()  # the model moves on (its norms' inverse sqrt included); the server must not
     assert np.array_equal(server_logits(), before)
     model.to_polynomial(calibration_data=[random_ids(2, 8, seed=9)], progress=False)  # recalibrated
     assert np.array_equal(server_logits(), before)
+
+
+@pytest.mark.parametrize("form", ["sum", "mean"])
+@pytest.mark.parametrize("kv_copies", [None, 3, 1])
+def test_the_packed_kv_cache_computes_the_polynomial_form(form, kv_copies):
+    # width 32 on 4096 slots: 128 copies fill the slots (sums by rotation only); 3 do not (the sum
+    # is right in copy 0 and spread), and 7 positions fill two ciphertexts and start a third
+    model = polynomial_tiny(num_hidden_layers=2, attn_form=form)
+    ids = random_ids(1, 7, seed=5)
+    embeddings = model.get_input_embeddings()(ids[0]).detach().double().numpy()
+    client = CKKSClient()
+    server = CKKSServer(model, client.public_context(), ClientRoundTrip(client), kv_copies=kv_copies)
+    plan = server.circuit_plan
+    assert plan.kv_copies == {None: 128, 3: 3, 1: 1}[kv_copies] and plan.copies_fill_slots == (kv_copies is None)
+    logits = server_circuit_logits(server, embeddings, model.config.vocab_size)
+    assert len(server.circuit.keys[0]) == -(-7 // plan.kv_copies)  # ciphertexts in the cache
+    with torch.no_grad():
+        reference = model.double()(ids).logits[0].numpy()
+    assert np.abs(logits - reference).max() < 1e-5 * np.abs(reference).max()
+
+
+def test_packing_costs_a_level_only_where_the_copies_do_not_fill_the_slots():
+    model = polynomial_tiny(num_hidden_layers=2)
+    depth, products = {}, {}
+    for copies in (1, 3, 128):
+        plan = CircuitPlan.from_model(model, slots=4096, kv_copies=copies)
+        depth[copies] = circuit_depths(plan)["total_depth"]
+        products[copies] = symbolic_run(plan, 7).ops["ct×ct"]
+    assert depth[128] == depth[1] and depth[3] == depth[1] + 2  # the spread: one level, in each block
+    for copies in (3, 128):
+        # q ⊙ k, two squarings (p = 4) and power ⊙ v per cached ciphertext, in each of 2 layers, over 7
+        # steps: position t reads t ciphertexts unpacked, ceil(t / copies) packed
+        saved = sum(t - -(-t // copies) for t in range(1, 8))
+        assert products[1] - products[copies] == 4 * 2 * saved
+    with pytest.raises(ValueError, match="kv_copies must be in"):
+        CircuitPlan.from_model(model, slots=4096, kv_copies=129)
 
 
 class TrackedVector(PlainVector):

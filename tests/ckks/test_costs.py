@@ -8,12 +8,14 @@ from hf_polyattn.ckks.planner import circuit_depth
 from tests.helpers import polynomial_tiny
 
 
-SHAPES = {(32, 32), (32, 32, 32), (32, 32, 8), (32, 64), (64, 32), (32, 97)}  # the 1-layer tiny model's; by rotations: norm sums (block 32), head sums (block 8)
+# the 1-layer tiny model's; by rotations: norm sums (block 32), head sums (block 8); the packed KV
+# cache's value masks (its 128 copies fill the slots: no spread)
+SHAPES = {(32, 32), (32, 32, 32), (32, 32, 8), (32, 64), (64, 32), (32, 97), (32, 32, "copy_mask")}
 
 
 def costs(ring: int, levels: int, refresh: float, op: float, **params) -> OpCosts:
     parameters = CKKSParameters(poly_modulus_degree=ring, levels=levels, **params)
-    return OpCosts(parameters, op, op, op / 10, refresh, {shape: op for shape in SHAPES})
+    return OpCosts(parameters, op, op, op / 10, refresh, {shape: op for shape in SHAPES}, rotation=op)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,9 @@ def test_prediction_is_counts_times_costs(server):
     assert predict_seconds(plan, unit) == pytest.approx(plan["refreshes"])
     per_op = costs(8192, 2, refresh=0.0, op=1.0)
     matmuls = sum(plan["matmuls"].values())
-    assert predict_seconds(plan, per_op) == pytest.approx(plan["ops"]["ct×ct"] + plan["ops"]["ct×pt"] + plan["ops"]["add"] / 10 + matmuls)
+    ops = plan["ops"]
+    assert ops["rotation"] > 0  # the sums over the packed cache's copies
+    assert predict_seconds(plan, per_op) == pytest.approx(ops["ct×ct"] + ops["ct×pt"] + ops["add"] / 10 + ops["rotation"] + matmuls)
 
 
 def test_choice_follows_the_costs(server):
@@ -73,9 +77,10 @@ def test_measured_costs_time_every_primitive_on_a_real_ring(server):
     from hf_polyattn.ckks.costs import measure_op_costs
 
     # 72 rows do not divide the 4096 slots: priced by the same BSGS product the server runs
-    measured = measure_op_costs(CKKSParameters(), [(72, 72), (64, 64)], repeats=1)
-    assert min(measured.ct_ct, measured.ct_pt, measured.add, measured.refresh) > 0
-    assert set(measured.matmul) == {(72, 72), (64, 64)} and min(measured.matmul.values()) > 0
+    shapes = [(72, 72), (64, 64), (72, 72, 8), (72, 72, "copy_mask"), (72, 72, "copy_spread")]
+    measured = measure_op_costs(CKKSParameters(), shapes, repeats=1)
+    assert min(measured.ct_ct, measured.ct_pt, measured.add, measured.refresh, measured.rotation) > 0
+    assert set(measured.matmul) == set(shapes) and min(measured.matmul.values()) > 0
     assert measured.refresh > measured.add  # a round trip decrypts and re-encrypts
     with pytest.raises(ValueError, match="no measured cost for a 32×[0-9]+ product"):
         predict_seconds(server.plan(1), measured)

@@ -16,8 +16,8 @@ def client():
     return CKKSClient()
 
 
-def check_against_plaintext(model, client, ids, lm_head: str = "server"):
-    session = SecureSession(model, client=client, mask_seed=0, lm_head=lm_head)
+def check_against_plaintext(model, client, ids, lm_head: str = "server", kv_copies: int | None = None):
+    session = SecureSession(model, client=client, mask_seed=0, lm_head=lm_head, kv_copies=kv_copies)
     server = session.server
     predicted = server.plan(ids.shape[1])
     encrypted = session.logits(ids[0]).numpy()
@@ -39,6 +39,15 @@ def test_one_layer_gqa_model_over_ciphertexts(client):
     server = check_against_plaintext(model, client, random_ids(1, 4, seed=11))
     assert server.profiler.refreshes > 0
     assert "refresh" in server.profiler.table() and "reciprocal" in server.profiler.table()
+
+
+def test_a_packed_kv_cache_over_ciphertexts(client):
+    # 3 positions per ciphertext (not filling the slots: sums spread from copy 0), 7 tokens over 3
+    # ciphertexts; the packed ones are refreshed in every slot, each slot masked on its own
+    model = polynomial_tiny(num_hidden_layers=1)
+    server = check_against_plaintext(model, client, random_ids(1, 7, seed=17), kv_copies=3)
+    assert [len(keys) for keys in server.circuit.keys] == [3]
+    assert server.profiler.op_counts["rotation"] > 0 and server.profiler.refreshes > 0
 
 
 @pytest.mark.slow

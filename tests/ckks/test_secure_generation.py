@@ -36,10 +36,13 @@ def test_secure_greedy_generation_emits_the_plaintext_tokens_through_logits_proc
     assert session.prefill_tokens == 3 and "prefill (3 prompt tokens)" in session.report()
 
 
-def test_encrypted_kv_cache_makes_each_token_one_incremental_step(client):
+@pytest.mark.parametrize("kv_copies", [None, 1])
+def test_encrypted_kv_cache_makes_each_token_one_incremental_step(client, kv_copies):
     model = polynomial_tiny(num_hidden_layers=2)
     ids = random_ids(1, 4, seed=5)
-    session = SecureSession(model, client=client, mask_seed=0)
+    session = SecureSession(model, client=client, mask_seed=0, kv_copies=kv_copies)
+    copies = session.server.circuit_plan.kv_copies
+    assert copies == (128 if kv_copies is None else 1) and session.server.circuit_plan.copies_fill_slots == (copies > 1)
     matmuls, rows = [], []
     for position in range(ids.shape[1]):
         before = session.profiler.op_counts["pt×ct matmul"]
@@ -49,8 +52,10 @@ def test_encrypted_kv_cache_makes_each_token_one_incremental_step(client):
     projections = 7 * layers + 1  # q, k, v, o, gate, up, down per layer, and the LM head
     norms = 2 * layers + 1  # each norm: one sum of squares that leaves the mean in every slot
     # token t projects only itself (tokens < t come from the encrypted cache) and touches each
-    # cached key once (one head sum of q⊙k, spread over the head's slots): no recomputation
-    assert matmuls == [projections + norms + layers * (t + 1) for t in range(ids.shape[1])]
+    # ciphertext of cached keys once (one head sum of q⊙k, spread over the head's slots): no
+    # recomputation. Packed, the 4 positions share one ciphertext, and the value is masked into its copy.
+    ciphertexts = [-(-(t + 1) // copies) for t in range(ids.shape[1])]
+    assert matmuls == [projections + norms + layers * (n + (copies > 1)) for n in ciphertexts]
     with torch.no_grad():
         uncached = model(ids).logits[0].double()  # the plaintext model run without any cache
     incremental = torch.cat(rows)
