@@ -3,6 +3,7 @@
     python benchmarks/secure_generation.py                        # 20 new tokens, N=8192
     python benchmarks/secure_generation.py --new-tokens 8 --server process
     python benchmarks/secure_generation.py --server ws://127.0.0.1:8765     # against hf-polyattn serve
+    python benchmarks/secure_generation.py --kv-copies 1 --results /tmp/unpacked.md  # one ciphertext per cached token
 
 Greedy generation from the same prompt in plaintext polynomial mode and over CKKS; checks the
 tokens are equal, and reports prefill time, time per generated token, bytes each way,
@@ -28,8 +29,12 @@ def main(argv=None) -> None:
     parser.add_argument("--ring", type=int, default=8192, help="poly_modulus_degree")
     parser.add_argument("--server", default="in-process",
                         help="in-process, process, or the URL of a running `hf-polyattn serve` (ws://host:port)")
+    parser.add_argument("--kv-copies", type=int, default=None,
+                        help="in-process: cached positions per KV ciphertext (default: as many as the slots hold; 1: unpacked)")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/secure_generation.md"))
     args = parser.parse_args(argv)
+    if args.kv_copies is not None and args.server != "in-process":
+        parser.error("--kv-copies sets the in-process server's packing; a server elsewhere chooses its own")
 
     model, tokenizer = load_default_model()
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids
@@ -40,13 +45,15 @@ def main(argv=None) -> None:
         plain_seconds = time.perf_counter() - start
 
     params = CKKSParameters(poly_modulus_degree=args.ring, levels=CKKSParameters.max_levels(args.ring))
-    with SecureSession(model, params, server=args.server, max_tokens=ids.shape[1] + args.new_tokens, progress=True) as session:
+    with SecureSession(model, params, server=args.server, max_tokens=ids.shape[1] + args.new_tokens, progress=True,
+                       kv_copies=args.kv_copies) as session:
         start = time.perf_counter()
         secure = model.generate(ids, session=session, **options)
         secure_seconds = time.perf_counter() - start
         latency = session.latency()
         steps = list(session.step_seconds)
         report = session.report()
+        packing = session.server.circuit_plan.kv_copies if args.server == "in-process" else None
 
     prompt_len = ids.shape[1]
     generated = steps[prompt_len:]
@@ -69,8 +76,9 @@ def main(argv=None) -> None:
         f"Model: `{DEFAULT_MODEL_DIR.name}` ({model.num_parameters() / 1e6:.2f}M parameters, "
         f"{model.config.num_hidden_layers} layers, d={model.config.hidden_size}, p={model.config.attn_power}). "
         f"Ring N={params.poly_modulus_degree}, chain {list(params.coeff_mod_bit_sizes)} ({params.security}); "
-        f"server {args.server}, LM head on the server.\n\n"
-        f"Prompt `{args.prompt}`; plaintext: `{tokenizer.decode(plain[0], skip_special_tokens=True)!r}`; "
+        f"server {args.server}, LM head on the server"
+        + (f"; KV cache packed {packing} positions per ciphertext.\n\n" if packing else ".\n\n")
+        + f"Prompt `{args.prompt}`; plaintext: `{tokenizer.decode(plain[0], skip_special_tokens=True)!r}`; "
         f"CKKS: `{tokenizer.decode(secure[0], skip_special_tokens=True)!r}`.\n\n"
         + "\n".join(rows)
         + "\n\n## Where the encrypted time goes\n\n"

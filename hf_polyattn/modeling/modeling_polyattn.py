@@ -322,10 +322,11 @@ class PolyAttnPreTrainedModel(PreTrainedModel):
             self.config.polynomial = {**self.config.polynomial, "enabled": False}
         return self
 
-    def polynomial_report(self, as_text: bool = False, normaliser_resolution: float | None = None):
+    def polynomial_report(self, as_text: bool = False, normaliser_resolution: float | None = None,
+                          slots: int | None = None):
         """Per-step domains, depths, multiplication counts and errors, and the model's depth
-        (measured on the server's circuit; `normaliser_resolution`: see `polynomial_report`)."""
-        report = polynomial_report(self.base_model, self.config, normaliser_resolution)
+        (measured on the server's circuit; `normaliser_resolution`, `slots`: see `polynomial_report`)."""
+        report = polynomial_report(self.base_model, self.config, normaliser_resolution, slots)
         return format_polynomial_report(report) if as_text else report
 
 

@@ -239,7 +239,8 @@ def remove_polynomial(base_model: nn.Module) -> None:
         op.remove()
 
 
-def polynomial_report(base_model: nn.Module, config, normaliser_resolution: float | None = None) -> dict[str, Any]:
+def polynomial_report(base_model: nn.Module, config, normaliser_resolution: float | None = None,
+                      slots: int | None = None) -> dict[str, Any]:
     """Per-site approximations and the multiplicative depth of each block and of the model.
 
     The depths are measured, not stated: the one-token step of `circuit.DecoderCircuit` (the
@@ -247,7 +248,9 @@ def polynomial_report(base_model: nn.Module, config, normaliser_resolution: floa
     approximation's input map folded into the product before it (see `circuit.py`).
     `normaliser_resolution`: a ring's smallest resolvable normaliser (`CKKSServer` uses its
     precision over `PRECISION_LIMIT`); a layer whose folded normaliser falls below it pays one
-    level more. `None`: every fold taken.
+    level more. `None`: every fold taken. `slots`: a ring's slot count; the KV cache is then packed
+    (`CircuitPlan.kv_copies`), which costs a level per block where the copies of the attention
+    width do not fill the slots (SmolLM2's 576 on 4096). `None`: no ring, no packing.
     """
     from .circuit import CircuitPlan, circuit_depths
 
@@ -255,7 +258,7 @@ def polynomial_report(base_model: nn.Module, config, normaliser_resolution: floa
     if not ops or any(op.approximation is None for op in ops.values()):
         raise ValueError("the model is not in polynomial form; call to_polynomial() first")
     sites = {name: op.approximation.describe() for name, op in ops.items()}
-    depths = circuit_depths(CircuitPlan.from_model(base_model, normaliser_resolution))
+    depths = circuit_depths(CircuitPlan.from_model(base_model, normaliser_resolution, slots=slots))
     evaluations_per_token = {
         # per layer: 2 norms (+2 sandwich norms, + a norm per query head and per KV head), + the final norm
         "inv_sqrt": config.num_hidden_layers

@@ -341,3 +341,41 @@ def test_a_product_leaves_both_operands_at_their_levels(client, engine):
         assert (low.level, y.level) == (1, 2)
         assert product.level == 0
         assert np.allclose(client.decrypt(product.serialize()), 0.125, atol=1e-5)
+
+
+# SmolLM2's 576 (7 copies and a cut one of 64 values on 4096 slots) and a width filling the slots
+@pytest.mark.parametrize("width", [576, 64])
+def test_the_packed_kv_cache_primitives_match_numpy_in_every_slot(client, engine, width):
+    from hf_polyattn.ckks.matmul import CopyMask, CopySpread
+
+    slots = client.params.slots
+    copies = slots // width
+    generator = np.random.default_rng(width)
+    positions = generator.uniform(-1, 1, (copies, width))  # what `copies` cached positions hold
+    values = positions[0]
+    x = engine.load(client.encrypt(values))
+    # each position in its copy (a mask product), summed into one ciphertext: the packed layout
+    packed = x.matmul(CopyMask(width, slots, 0))
+    for copy in range(1, copies):
+        packed = packed + engine.load(client.encrypt(positions[copy])).matmul(CopyMask(width, slots, copy))
+    layout = np.zeros(slots)
+    layout[: copies * width] = positions.ravel()
+    assert packed.packed and packed.level == x.level - 1
+    assert np.abs(all_slots(client, engine, packed) - layout).max() < 1e-5
+    spent = packed
+    while spent.level > 0:
+        spent = spent * 1.0
+    refreshed = engine.refresh(spent)  # every slot travels, each masked on its own
+    assert refreshed.packed and np.abs(all_slots(client, engine, refreshed) - layout).max() < 1e-4
+    # the sum over copies by rotations: whole in copy 0 (in every copy when they fill the slots)
+    summed = packed.rotate_sum(width, copies)
+    assert summed.level == packed.level and not summed.packed
+    total = positions.sum(axis=0)
+    assert np.abs(client.decrypt(summed.serialize()) - total).max() < 1e-4
+    # spread from copy 0: TenSEAL's replicated layout, the cut copy included
+    spread = summed.matmul(CopySpread(width, slots))
+    assert np.abs(all_slots(client, engine, spread) - np.resize(total, slots)).max() < 1e-4
+    if slots % width == 0:
+        assert np.abs(all_slots(client, engine, summed) - np.resize(total, slots)).max() < 1e-4
+    with pytest.raises(ValueError, match="whole copies"):
+        CopyMask(width, slots, copies)
