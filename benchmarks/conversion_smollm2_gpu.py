@@ -188,9 +188,14 @@ def run(args) -> None:
         # apply_delta refuses a base whose weights hash differs from the one the delta was made on
         student, _ = apply_delta(SMOLLM2_POLYATTN_DIR if args.init == "smollm2-polyattn" else Path(args.init))
         student.to_exact()
+    if args.attn_eps is not None:
+        # a floor a CKKS ring can hold (the shipped 1e-6 spans ~4e11 in the server's units); the
+        # distillation below teaches the model to live with it, the polynomial stage recalibrates
+        student.config.attn_eps = args.attn_eps
     teacher.to(device)
     student.to(device)
     results["setup"] = {"seconds": time.monotonic() - start, "init": args.init, "base_hash": base_hash,
+                        "attn_eps": student.config.attn_eps,
                         "train_tokens": int(train.numel()), "data": meta["data"],
                         "fewshot_tokens": meta.get("fewshot_tokens", 0), "inputs": meta.get("command")}
     results["start"] = held_out_kl_and_perplexity(student, teacher, held_out)
@@ -231,7 +236,8 @@ def run(args) -> None:
     manifest = save_delta(stored, student.config, TEACHER, base_hash, delta, max_bytes=None)
     results["shipped_exact"] = {"rank": args.rank, "bytes": manifest["bytes"],
                                 **held_out_kl_and_perplexity(student, teacher, held_out)}
-    results["shipped_exact_tasks"] = score(student, tokenizer, meta["tasks"], limit, args.eval_batch_size)
+    if args.exact_tasks:
+        results["shipped_exact_tasks"] = score(student, tokenizer, meta["tasks"], limit, args.eval_batch_size)
 
     if left() < args.polynomial_seconds:
         results["polynomial"] = {"skipped": f"{left():.0f} s left, the polynomial stage needs ≈ {args.polynomial_seconds} s"}
@@ -288,14 +294,17 @@ def _named_files(specs: list[str]) -> dict[str, dict]:
 
 
 def report(run_path: Path, rows: list[str], fidelity_rows: list[str], results: Path) -> None:
-    """The table (and plot beside it) of a GPU run next to rows scored elsewhere on the same items."""
+    """The table (and plot beside it) of a run (on a GPU, or on the CPU) next to rows scored elsewhere
+    on the same items."""
     run = json.loads(run_path.read_text())
     table = _named_files(rows)
     fidelity = _named_files(fidelity_rows)
+    device = "CPU" if run["device"] == "CPU" else "GPU"
     where = f"scored on the {run['device']}" + (" under bf16 autocast" if run.get("autocast_eval") else "")
-    table[f"GPU-distilled, exact (rank-64 delta; {where})"] = run["shipped_exact_tasks"]
+    if "shipped_exact_tasks" in run:  # not scored with --no-exact-tasks
+        table[f"{device}-distilled, exact (rank-64 delta; {where})"] = run["shipped_exact_tasks"]
     if isinstance(run.get("polynomial_tasks"), dict) and "hellaswag" in run["polynomial_tasks"]:
-        table[f"GPU-distilled, polynomial (rank-64 delta, calibrated there; {where})"] = run["polynomial_tasks"]
+        table[f"{device}-distilled, polynomial (rank-64 delta, calibrated there; {where})"] = run["polynomial_tasks"]
     reference = next(iter(table.values()))
     lines = ["| row | " + " | ".join(MULTIPLE_CHOICE) + " | MC mean | Δ first row | LAMBADA acc | LAMBADA bits/byte | "
              "ARC-E 5-shot | 5-shot − 0-shot |", "|---|" + "---|" * 11]
@@ -321,33 +330,36 @@ def report(run_path: Path, rows: list[str], fidelity_rows: list[str], results: P
     measured = dict(fidelity)
     if "fidelity" in polynomial:
         held_out.append(f"| rank-{run['shipped_exact']['rank']} delta, polynomial form | {polynomial['kl']:.3f} | {polynomial['perplexity']:.2f} |")
-        measured = {f"calibrated in the GPU run ({where})": polynomial, **measured}
+        measured = {f"calibrated in the {device} run ({where})": polynomial, **measured}
     for name, row in measured.items():
         f, depth = row["fidelity"], row["depth"]
         faithful.append(f"| {name} | {100 * f['top1_agreement']:.2f} % | {f['ppl_exact']:.2f} → {f['ppl_poly']:.2f} | "
                         f"{f['max_dlogit']:.2f} | {depth['total']} ({min(depth['blocks'])}–{max(depth['blocks'])}) |")
     episodes = run["setup"].get("fewshot_tokens", 0)
     fewshot = f"; {episodes / 1e6:.1f}M of them are in-context episodes built from that text, training/fewshot.py" if episodes else ""
+    batch = distilled["tokens"] // max(distilled["steps"], 1) // 512
+    floor = run["setup"].get("attn_eps")
     text = (
-        "# SmolLM2-135M PolyAttn: GPU distillation continuing a CPU-recovered model\n\n"
-        f"GPU run on {run['device']} (torch {run['torch']}): `{run['command']}`. "
-        f"Distillation: {distilled['steps']} steps of 32×512 tokens = {distilled['tokens'] / 1e6:.1f}M tokens in "
+        f"# SmolLM2-135M PolyAttn: {device} distillation continuing a recovered model\n\n"
+        f"{device} run on {run['device']} (torch {run['torch']}): `{run['command']}`. "
+        + (f"Attention normaliser floor `attn_eps` = {floor:g} from the start of the distillation. " if floor else "")
+        + f"Distillation: {distilled['steps']} steps of {batch}×512 tokens = {distilled['tokens'] / 1e6:.2f}M tokens in "
         f"{distilled['seconds']:.0f} s ({distilled['tokens_per_second']:,.0f} tokens/s, bf16 autocast, live teacher, eager), "
         f"on the recipe's text ({' + '.join(run['setup']['data'])}, {run['setup']['train_tokens'] / 1e6:.1f}M tokens: "
         f"{distilled['tokens'] / run['setup']['train_tokens']:.1f} epochs{fewshot}). "
         + (f"Inputs: `{run['setup']['inputs']}`. " if run["setup"].get("inputs") else "")
         + f"Report: `{command_line(__file__, None)}`.\n\n"
-        "First 500 items of each task (ARC-C: all 299), acc_norm; rows other than the GPU ones were scored "
+        f"First 500 items of each task (ARC-C: all 299), acc_norm; rows other than the {device} ones were scored "
         "with `hf-polyattn eval --limit 500` on the CPU on the same items."
         + (f" Note: {run['autocast_note']}." if run.get("autocast_note") else "") + "\n\n" + "\n".join(lines) + "\n\n"
         "Held-out text (16 blocks of 256 tokens of the corpus tail, never trained on):\n\n" + "\n".join(held_out) + "\n\n"
         + "Polynomial form vs its exact form on the same held-out blocks:\n\n" + "\n".join(faithful) + "\n"
     )
     write_results(results, text)
-    plot(run, means, results.with_suffix(".png"))
+    plot(run, means, results.with_suffix(".png"), device, batch)
 
 
-def plot(run: dict, means: dict[str, float], path: Path) -> None:
+def plot(run: dict, means: dict[str, float], path: Path, device: str = "GPU", batch: int = 32) -> None:
     """Left: the distillation's KL per logged step; right: the MC mean of every row."""
     import matplotlib
 
@@ -356,9 +368,9 @@ def plot(run: dict, means: dict[str, float], path: Path) -> None:
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 1.3]})
     curve = run["distilled"]["loss_curve"]
-    tokens = [entry["step"] * 32 * 512 / 1e6 for entry in curve]
+    tokens = [entry["step"] * batch * 512 / 1e6 for entry in curve]
     left.plot(tokens, [entry["distill_kl"] for entry in curve], "o-")
-    left.set(xlabel="distillation tokens (M)", ylabel="training KL (nats/token)", title="GPU distillation")
+    left.set(xlabel="distillation tokens (M)", ylabel="training KL (nats/token)", title=f"{device} distillation")
     right.barh([textwrap.fill(name, 34) for name in means], list(means.values()))
     right.tick_params(axis="y", labelsize=7)
     right.set(xlabel="MC mean (acc_norm, 5 tasks)", xlim=(0.3, 0.5), title="500 items per task")
@@ -387,6 +399,10 @@ def main(argv=None) -> None:
     go.add_argument("--rank", type=int, default=64)
     go.add_argument("--limit", type=int, default=500, help="items per task")
     go.add_argument("--eval-batch-size", type=int, default=64)
+    go.add_argument("--attn-eps", type=float, default=None,
+                    help="train with this normaliser floor instead of the init's (e.g. 1: one a CKKS ring can hold)")
+    go.add_argument("--no-exact-tasks", dest="exact_tasks", action="store_false",
+                    help="score only the polynomial form on the tasks (on a CPU the exact row costs as much again)")
     recalibrate = commands.add_parser("calibrate", help="re-calibrate a delta folder on the inputs' blocks")
     recalibrate.add_argument("--inputs", type=Path, required=True)
     recalibrate.add_argument("--delta", type=Path, required=True)

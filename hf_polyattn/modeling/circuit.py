@@ -26,7 +26,9 @@ plaintext product before it, at no level cost:
 
 The powers multiply the values while the reciprocal is computed, so the reciprocal is applied
 once per query (not once per key), and the head sums come out spread over each head's slots (no
-broadcast product).
+broadcast product). Public factors are folded as before: the norm weights into the next projection,
+RoPE of the (public) position, `1/sqrt(head_dim)` and the score scale `1/C` into `W_q`, grouped KV
+heads into `W_k`, `W_v`.
 
 The KV cache is packed on a ring (`CircuitPlan.kv_copies`): a vector of the attention's width `w`
 fills the slots with `slots // w` copies, so `c` cached positions share one ciphertext, position
@@ -34,9 +36,7 @@ fills the slots with `slots // w` copies, so `c` cached positions share one ciph
 product off the critical path). One `q ⊙ k`, head sum and power then serve `c` keys at once; the
 normaliser and the weighted values are summed over the copies by rotations (no level) and, where
 the copies do not fill the slots exactly, the sum (right in copy 0) is masked and spread back over
-every copy (one level). Public factors are folded as before: the norm weights into the next projection, RoPE of the
-(public) position, `1/sqrt(head_dim)` and the score scale `1/C` into `W_q`, grouped KV heads into
-`W_k`, `W_v`.
+every copy (one level).
 """
 
 import contextlib
