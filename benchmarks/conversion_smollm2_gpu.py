@@ -321,7 +321,9 @@ def report(run_path: Path, rows: list[str], fidelity_rows: list[str], results: P
         )
     distilled = run["distilled"]
     held_out = ["| model | held-out KL(teacher ‖ model) | perplexity |", "|---|---|---|",
-                f"| start (`--init {run['setup']['init']}`, exact form) | {run['start']['kl']:.3f} | {run['start']['perplexity']:.2f} |",
+                f"| start (`--init {run['setup']['init']}`, exact form"
+                + (f", floor raised to {run['setup']['attn_eps']:g}" if run["setup"].get("attn_eps") else "")
+                + f") | {run['start']['kl']:.3f} | {run['start']['perplexity']:.2f} |",
                 f"| after {distilled['tokens'] / 1e6:.1f}M tokens, full-rank change | {distilled['kl']:.3f} | {distilled['perplexity']:.2f} |",
                 f"| rank-{run['shipped_exact']['rank']} delta ({run['shipped_exact']['bytes'] / 2**20:.1f} MiB), exact | {run['shipped_exact']['kl']:.3f} | {run['shipped_exact']['perplexity']:.2f} |"]
     polynomial = run.get("polynomial", {})
@@ -341,12 +343,13 @@ def report(run_path: Path, rows: list[str], fidelity_rows: list[str], results: P
     floor = run["setup"].get("attn_eps")
     text = (
         f"# SmolLM2-135M PolyAttn: {device} distillation continuing a recovered model\n\n"
-        f"{device} run on {run['device']} (torch {run['torch']}): `{run['command']}`. "
+        + (f"GPU run on {run['device']}" if device == "GPU" else "Run on this machine's CPU (2 cores)")
+        + f" (torch {run['torch']}): `{run['command']}`. "
         + (f"Attention normaliser floor `attn_eps` = {floor:g} from the start of the distillation. " if floor else "")
         + f"Distillation: {distilled['steps']} steps of {batch}×512 tokens = {distilled['tokens'] / 1e6:.2f}M tokens in "
         f"{distilled['seconds']:.0f} s ({distilled['tokens_per_second']:,.0f} tokens/s, bf16 autocast, live teacher, eager), "
         f"on the recipe's text ({' + '.join(run['setup']['data'])}, {run['setup']['train_tokens'] / 1e6:.1f}M tokens: "
-        f"{distilled['tokens'] / run['setup']['train_tokens']:.1f} epochs{fewshot}). "
+        f"{distilled['tokens'] / run['setup']['train_tokens']:.2f} epochs{fewshot}). "
         + (f"Inputs: `{run['setup']['inputs']}`. " if run["setup"].get("inputs") else "")
         + f"Report: `{command_line(__file__, None)}`.\n\n"
         f"First 500 items of each task (ARC-C: all 299), acc_norm; rows other than the {device} ones were scored "

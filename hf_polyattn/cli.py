@@ -105,7 +105,9 @@ def _generate(args: argparse.Namespace) -> int:
         from hf_polyattn.ckks import CKKSParameters, SecureSession
         from hf_polyattn.ckks.service import TOKEN_ENV
 
-        params = CKKSParameters(poly_modulus_degree=args.ring, levels=CKKSParameters.max_levels(args.ring))
+        bits = CKKSParameters.scale_bits if args.scale_bits is None else args.scale_bits  # the ring's default
+        params = CKKSParameters(poly_modulus_degree=args.ring, scale_bits=bits,
+                                levels=CKKSParameters.max_levels(args.ring, scale_bits=bits))
         try:
             session = SecureSession(
                 model, params, server=args.server, lm_head=args.lm_head,
@@ -115,7 +117,7 @@ def _generate(args: argparse.Namespace) -> int:
         except (ValueError, ConnectionError) as error:
             print(f"hf-polyattn: {error}", file=sys.stderr)
             return 2
-        print(f"CKKS N={params.poly_modulus_degree} ({params.security}), server {args.server}, "
+        print(f"CKKS N={params.poly_modulus_degree}, scale 2^{params.scale_bits} ({params.security}), server {args.server}, "
               f"LM head on the {args.lm_head}; {model.num_parameters() / 1e6:.2f}M-parameter model from {path}",
               file=sys.stderr)
     streamer = TextStreamer(tokenizer, skip_special_tokens=True)
@@ -427,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--lm-head", choices=["server", "client"], default="server",
                           help="with --secure: who applies the LM head (the server returns encrypted logits by default)")
     generate.add_argument("--ring", type=int, default=8192, choices=[8192, 16384, 32768], help="CKKS ring degree N")
+    generate.add_argument("--scale-bits", type=int, default=None,
+                          help="with --secure: the ring's scale (default 40); more bits resolve a smaller attention "
+                               "normaliser, fewer leave a refresh more headroom (the shipped smollm2-polyattn needs 42)")
     generate.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     generate.add_argument("--seed", type=int, default=0)
     generate.set_defaults(run=_generate)

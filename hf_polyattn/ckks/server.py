@@ -11,9 +11,12 @@ plaintext-matrix × ciphertext product (one level): baby-step giant-step on raw 
 norms' mean of squares (block-diagonal matrices of ones) by `~2·log2(block)` rotations and one
 masked product (`matmul.py`). Attention of query `t` runs over the encrypted K/V of tokens
 `≤ t` kept from earlier steps (the encrypted KV cache), so a token costs one incremental step.
-The cache is packed: as many positions per ciphertext as the slots hold copies of the attention
-width (`kv_copies`; see `circuit.py`), so the per-key work is paid once per ciphertext.
+The cache is packed where every product's size divides the slots: as many positions per
+ciphertext as the slots hold copies of the attention width (`kv_copies`; see `circuit.py`), so the
+per-key work is paid once per ciphertext.
 """
+
+import warnings
 
 import numpy as np
 import torch
@@ -201,8 +204,9 @@ class CKKSServer:
             the memory available; a 30-layer SmolLM2 needs ~1 GB a layer); past it they are
             encoded again at each use, slower but the same result.
         kv_copies: cached positions packed per KV ciphertext (default: as many copies of the
-            attention width as the slots hold, e.g. 7 for SmolLM2's 576 on 4096 slots; 1: one
-            ciphertext per position, as before).
+            attention width as the slots hold, e.g. 64 for the embedded model on 4096 slots, where
+            every product's size divides the slots; else 1, one ciphertext per position, as for
+            SmolLM2's 576).
     """
 
     def __init__(
@@ -261,6 +265,21 @@ class CKKSServer:
                     f"layer {block.index}: the attention normaliser spans [{low / block.attention.gain:.3g}, "
                     f"{high / block.attention.gain:.3g}]; its scaled powers and reciprocal reach {largest:.3g}, beyond "
                     f"what {what} (~{limit:.3g}); raise attn_eps, or the ring's first prime over its scale"
+                )
+        plan = self.circuit_plan
+        norms = [site for block in plan.blocks for site in (block.input_norm, block.post_attention_norm)] + [plan.final_norm]
+        for site in norms:
+            approximation = site.approximation
+            # Newton's step forms x/2 from the mapped input, in the norm's own (unscaled) units: past
+            # the limit, a refresh of it is refused, if the level schedule ever refreshes it (only
+            # then; so a warning, not a refusal)
+            if approximation.iterations and approximation.init_degree and 0.5 * approximation.domain[1] > limit:
+                warnings.warn(
+                    f"{site.name}: Newton's inverse square root forms x/2 up to {0.5 * approximation.domain[1]:.3g} "
+                    f"(the top of its calibrated domain, mean(x²) of the residual), beyond what {what} (~{limit:.3g}): "
+                    "where that value is refreshed, the client refuses it mid-sequence. Narrower norm inputs (the "
+                    "range loss) or a ring with more headroom (fewer scale bits) avoid it",
+                    RuntimeWarning, stacklevel=3,
                 )
         precision = self.precision()
         if precision / self.smallest_normaliser() > PRECISION_LIMIT:

@@ -30,8 +30,8 @@ broadcast product). Public factors are folded as before: the norm weights into t
 RoPE of the (public) position, `1/sqrt(head_dim)` and the score scale `1/C` into `W_q`, grouped KV
 heads into `W_k`, `W_v`.
 
-The KV cache is packed on a ring (`CircuitPlan.kv_copies`): a vector of the attention's width `w`
-fills the slots with `slots // w` copies, so `c` cached positions share one ciphertext, position
+The KV cache is packed on a ring whose slots every product's size divides (`CircuitPlan.kv_copies`,
+`kv_copies_for`): a vector of the attention's width `w` fills the slots with `slots // w` copies, so `c` cached positions share one ciphertext, position
 `t` in copy `t mod c` (the key product's output masked to that copy, free; the value masked by a
 product off the critical path). One `q ⊙ k`, head sum and power then serve `c` keys at once; the
 normaliser and the weighted values are summed over the copies by rotations (no level) and, where
@@ -181,7 +181,7 @@ class CircuitPlan:
         attentions = score_scaled_attentions(base)
         hidden, width = config.hidden_size, config.num_attention_heads * base.layers[0].self_attn.head_dim
         head_dim = base.layers[0].self_attn.head_dim
-        copies = kv_copies_for(width, slots, kv_copies)
+        copies = kv_copies_for(width, slots, kv_copies, reads=(hidden, config.intermediate_size))
 
         residual_norms = [f"layers.{i}.{n}" for i in range(config.num_hidden_layers)
                           for n in ("input_layernorm", "post_attention_layernorm")] + ["norm"]
@@ -240,15 +240,24 @@ class CircuitPlan:
         )
 
 
-def kv_copies_for(width: int, slots: int | None, requested: int | None = None) -> int:
-    """Cached positions per KV ciphertext: `requested`, or as many copies of `width` as `slots` hold."""
+def kv_copies_for(width: int, slots: int | None, requested: int | None = None, reads: tuple[int, ...] = ()) -> int:
+    """Cached positions per KV ciphertext: `requested`, or as many copies of `width` as the slots hold.
+
+    Packing reads every copy, so it needs every product right in every slot: each of `reads` (the
+    sizes the circuit's products read) dividing the slots. Elsewhere a product's last outputs read
+    past the cut copy of its input, and how far that reaches depends on where refreshes restore the
+    layout: such a model is not packed (SmolLM2's 576 and 1536 on 4096 slots)."""
     if slots is None:
         if requested not in (None, 1):
             raise ValueError("packing the KV cache needs the ring's slot count")
         return 1
-    fit = max(slots // width, 1)
+    cut = [n for n in (width, *reads) if slots % n]
+    fit = 1 if cut else slots // width
     if requested is None:
         return fit
+    if cut and requested != 1:
+        raise ValueError(f"the KV cache is packed only where every product's size divides the {slots} slots; "
+                         f"{cut} do not (kv_copies must be 1)")
     if not 1 <= requested <= fit:
         raise ValueError(f"kv_copies must be in [1, {fit}] ({slots} slots hold {fit} copies of width {width}), got {requested}")
     return requested

@@ -250,7 +250,7 @@ def polynomial_report(base_model: nn.Module, config, normaliser_resolution: floa
     precision over `PRECISION_LIMIT`); a layer whose folded normaliser falls below it pays one
     level more. `None`: every fold taken. `slots`: a ring's slot count; the KV cache is then packed
     (`CircuitPlan.kv_copies`), which costs a level per block where the copies of the attention
-    width do not fill the slots (SmolLM2's 576 on 4096). `None`: no ring, no packing.
+    width do not fill the slots (`kv_copies` below the most). `None`: no ring, no packing.
     """
     from .circuit import CircuitPlan, circuit_depths
 
