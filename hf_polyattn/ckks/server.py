@@ -16,6 +16,7 @@ ciphertext as the slots hold copies of the attention width (`kv_copies`; see `ci
 per-key work is paid once per ciphertext.
 """
 
+import math
 import warnings
 
 import numpy as np
@@ -53,9 +54,10 @@ class LayerMatrices:
         group = heads // kv_heads
         # The residual stream runs scaled by s (`CircuitPlan.residual_scale`): the products reading
         # a norm's output (which carries s) take 1/s, those writing the residual take s.
+        # (and a balanced Newton step's √c, `NormSite.output_gain`)
         scale = plan.residual_scale
-        gamma1 = layer.input_layernorm.weight.detach().double().numpy()[:, None] / scale
-        gamma2 = layer.post_attention_layernorm.weight.detach().double().numpy()[:, None] / scale
+        gamma1 = layer.input_layernorm.weight.detach().double().numpy()[:, None] * block.input_norm.output_gain / scale
+        gamma2 = layer.post_attention_layernorm.weight.detach().double().numpy()[:, None] * block.post_attention_norm.output_gain / scale
         self.expand_kv = np.zeros((kv_heads * head_dim, heads * head_dim))
         for head in range(heads):
             kv = head // group
@@ -121,7 +123,7 @@ class ServerMatrices:
     def __init__(self, model, plan: CircuitPlan, lm_head: bool):
         base = model.model
         self.layers = [LayerMatrices(layer, plan, block, base.rotary_emb) for layer, block in zip(base.layers, plan.blocks)]
-        gamma = base.norm.weight.detach().double().numpy()[:, None] / plan.residual_scale
+        gamma = base.norm.weight.detach().double().numpy()[:, None] * plan.final_norm.output_gain / plan.residual_scale
         self.head = PlaintextMatrix(gamma * model.lm_head.weight.detach().double().numpy().T) if lm_head else None
         self._norm_sums: dict[str, PlaintextMatrix] = {}
         # the packed KV cache's slot-wise products (one mask per copy), shared by every layer
@@ -270,15 +272,20 @@ class CKKSServer:
         norms = [site for block in plan.blocks for site in (block.input_norm, block.post_attention_norm)] + [plan.final_norm]
         for site in norms:
             approximation = site.approximation
-            # Newton's step forms x/2 from the mapped input, in the norm's own (unscaled) units: past
-            # the limit, a refresh of it is refused, if the level schedule ever refreshes it (only
+            if not (approximation.iterations and approximation.init_degree):
+                continue
+            low, high = approximation.domain
+            # Newton's step forms x/2 from the mapped input, in the norm's own units; balanced (where
+            # that passed the limit: `NormSite.balance`) its values stay within sqrt(high/low). Past
+            # the limit a refresh of them is refused, if the level schedule refreshes them (only
             # then; so a warning, not a refusal)
-            if approximation.iterations and approximation.init_degree and 0.5 * approximation.domain[1] > limit:
+            largest = math.sqrt(high / low) if site.balance != 1.0 else 0.5 * high
+            if largest > limit:
                 warnings.warn(
-                    f"{site.name}: Newton's inverse square root forms x/2 up to {0.5 * approximation.domain[1]:.3g} "
-                    f"(the top of its calibrated domain, mean(x²) of the residual), beyond what {what} (~{limit:.3g}): "
-                    "where that value is refreshed, the client refuses it mid-sequence. Narrower norm inputs (the "
-                    "range loss) or a ring with more headroom (fewer scale bits) avoid it",
+                    f"{site.name}: Newton's inverse square root forms values up to {largest:.3g} (its calibrated "
+                    f"domain [{low:.3g}, {high:.3g}], mean(x²) of the residual), beyond what {what} (~{limit:.3g}): "
+                    "where such a value is refreshed, the client refuses it mid-sequence. Narrower norm inputs "
+                    "(the range loss) or a ring with more headroom (fewer scale bits) avoid it",
                     RuntimeWarning, stacklevel=3,
                 )
         precision = self.precision()

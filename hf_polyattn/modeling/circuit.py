@@ -60,6 +60,18 @@ class NormSite:
     width: int  # the vector it normalises (hidden size, or heads · head_dim)
     centered: bool  # LayerNorm: subtract the mean first
     input_scale: float = 1.0  # what its input carries (the residual scale, `CircuitPlan.residual_scale`)
+    balance: float = 1.0  # Newton's iteration runs on balance·x (`circuit_mapped`); the next product takes √balance
+
+    @property
+    def output_gain(self) -> float:
+        """What the product reading the norm's output multiplies by (besides the norm weight)."""
+        return math.sqrt(self.balance)
+
+    def inverse_sqrt(self, t):
+        """`1/sqrt(x)` of the mapped input, divided by `output_gain` when balanced."""
+        if self.balance == 1.0:
+            return self.approximation.circuit_mapped(t)
+        return self.approximation.circuit_mapped(t, self.balance)
 
     @property
     def mean_factor(self) -> float:
@@ -193,9 +205,14 @@ class CircuitPlan:
 
         def norm(name: str, size: int, full: int) -> NormSite:
             module = base.get_submodule(name)
+            approximation = ops[f"{name}.inv_sqrt"].approximation
+            # a residual norm's Newton step sees mean(x²) unscaled (SmolLM2's reaches 1e6): balanced,
+            # its √c folded into the next product (a residual norm's consumers are the server's products)
+            balance = approximation.balance_for(value_limit) if name in residual_norms and hasattr(approximation, "balance_for") else 1.0
             return NormSite(
-                name, ops[f"{name}.inv_sqrt"].approximation, float(module.variance_epsilon), size, full,
+                name, approximation, float(module.variance_epsilon), size, full,
                 centered=config.norm_type == "layer", input_scale=residual_scale if name in residual_norms else 1.0,
+                balance=balance,
             )
 
         blocks = []
@@ -408,7 +425,7 @@ class DecoderCircuit:
             if site.centered:
                 x = x.matmul(self._matrix("norm_center", site=site))
             t = (x * x).matmul(self._matrix("norm_sum", site=site)) + site.offset
-            inverse = site.approximation.circuit_mapped(t)
+            inverse = site.inverse_sqrt(t)
             return (x if scaled is None else scaled) * inverse
 
     def attention(self, block: BlockPlan, y):
@@ -479,8 +496,8 @@ class DecoderCircuit:
             if self.lm_head:
                 with self.profiler.step("pt×ct matmul"):
                     out = out.matmul(self._matrix("head"))
-            elif self.plan.residual_scale != 1.0:  # the client reads the normalised state itself
-                out = out * (1.0 / self.plan.residual_scale)
+            elif self.plan.final_norm.output_gain != self.plan.residual_scale:  # the client reads the normalised state
+                out = out * (self.plan.final_norm.output_gain / self.plan.residual_scale)
             return out
 
     def step(self, hidden):

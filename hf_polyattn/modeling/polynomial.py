@@ -848,13 +848,29 @@ class InverseSqrtApproximation(_IterativeApproximation):
     def _output_gain(self, factor: float) -> float:
         return factor**-0.5
 
-    def circuit_mapped(self, t):
+    def circuit_mapped(self, t, balance: float = 1.0):
+        """`1/sqrt(x)` from the mapped input `t`. `balance = c` (a Newton step after a polynomial
+        guess only): the iteration runs on `c·x` and returns `1/sqrt(c·x)`, the caller folds `√c`
+        into the next product. At no level cost (`c/2` goes into the product recovering `x`,
+        `1/√c` into the guess's coefficients), every intermediate stays within `sqrt(high/low)`
+        for `c = 1/sqrt(low·high)`, where `x/2` alone reaches `high/2` (`balance_for`)."""
         if self.iterations == 0:
             return self._guess(t)
         if self.init_degree == 0:  # the first step folds the constant; x/2 costs its own ct×pt
             return newton_inverse_sqrt(t, self.iterations, self.coefficients[0])
         # Newton's 1/2 is folded into the product that recovers x
-        return newton_inverse_sqrt(None, self.iterations, self._guess(t), half_x=self._recovered_x(t, 0.5))
+        if balance == 1.0:
+            return newton_inverse_sqrt(None, self.iterations, self._guess(t), half_x=self._recovered_x(t, 0.5))
+        guess = chebyshev_series(t, [c * balance**-0.5 for c in self.coefficients], self.chain_scale)
+        return newton_inverse_sqrt(None, self.iterations, guess, half_x=self._recovered_x(t, 0.5 * balance))
+
+    def balance_for(self, limit: float | None) -> float:
+        """The `balance` of `circuit_mapped` keeping Newton's `x/2` within `limit`: 1 where it already
+        is (or no Newton step follows a polynomial guess), else `1/sqrt(low·high)`."""
+        low, high = self.domain
+        if limit is None or not (self.iterations and self.init_degree) or 0.5 * high <= limit:
+            return 1.0
+        return 1.0 / math.sqrt(low * high)
 
     @property
     def depth(self) -> int:

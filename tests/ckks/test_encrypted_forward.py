@@ -147,12 +147,17 @@ def test_a_residual_too_large_for_a_refresh_runs_scaled_and_matches_plaintext(cl
     assert server.circuit_plan.hidden_size * server.circuit_plan.final_norm.approximation.domain[1] > client.params.mask_bound
 
 
-def test_a_norm_whose_newton_step_passes_the_refresh_bound_is_named_before_any_ciphertext(client):
+def test_a_norm_whose_newton_step_would_pass_the_refresh_bound_runs_balanced(client):
     # residual values in the hundreds and a tolerance tight enough for a Newton step after the guess:
-    # the step forms x/2 = mean(x²)/2 up to ~3e5, past R = 2^16; the client would refuse its refresh
-    model = tiny_model(num_hidden_layers=1, attn_eps=1.0)
+    # the step would form x/2 = mean(x²)/2 up to ~3e5, past R = 2^16 (the client refuses such a
+    # refresh); it runs on c·x instead (c = 1/sqrt(low·high)), √c folded into the next product
+    model = tiny_model(num_hidden_layers=2, attn_eps=1.0)
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(2000)
     model.to_polynomial(calibration_data=[random_ids(4, 16, seed=s) for s in range(4)], progress=False, tolerance=1e-6)
-    with pytest.warns(RuntimeWarning, match="layers.0.input_layernorm: Newton's inverse square root forms x/2 up to"):
-        CKKSServer(model, client.public_context(), ClientRoundTrip(client))
+    norm = model.model.layers[0].input_layernorm
+    assert 0.5 * norm.inv_sqrt.approximation.domain[1] > client.params.mask_bound
+    for lm_head in ("server", "client"):
+        server = check_against_plaintext(model, client, random_ids(1, 3, seed=18), lm_head=lm_head)
+        sites = [server.circuit_plan.blocks[0].input_norm, server.circuit_plan.final_norm]
+        assert all(site.balance < 1 for site in sites)
