@@ -194,11 +194,7 @@ def block_sum(backend: SealBackend, vector: ts.CKKSVector, matrix: BlockSumMatri
     nothing to spread. It reads the same slots a product reads (`j + i`, `i < rows`), so it is
     right wherever the baby-step giant-step product is (`require_supported_product`)."""
     ct = vector.ciphertext()[0]
-    window = _window_sum(backend, ct, matrix.block, 1)
-    masked = sealapi.Ciphertext()
-    backend.evaluator.multiply_plain(window, matrix.mask(backend, ct.parms_id()), masked)
-    backend.evaluator.rescale_to_next_inplace(masked)
-    masked.scale = backend.scale  # as after every rescale here: the prime is ≈ the scale
+    masked = _masked(backend, _window_sum(backend, ct, matrix.block, 1), matrix.mask(backend, ct.parms_id()))
     spread = masked if matrix.block == matrix.rows else _window_sum(backend, masked, matrix.block, -1)
     return backend.to_vector(spread, matrix.cols)
 
@@ -233,6 +229,11 @@ def rotate_sum(backend: SealBackend, vector: ts.CKKSVector, stride: int, count: 
     return backend.to_vector(_window_sum(backend, ct, count, stride), vector.size())
 
 
+def copy_slots(width: int, slots: int, copy: int) -> np.ndarray:
+    """1 on the slots of copy `copy` of a `width`-value vector repeated over `slots`, 0 elsewhere."""
+    return (np.arange(slots) // width == copy).astype(np.float64)
+
+
 class CopyMask(PlaintextMatrix):
     """The identity on copy `copy` of a `width`-value vector repeated over the slots, 0 elsewhere:
     one plaintext product (a level), where the general product would take `width` diagonals.
@@ -251,8 +252,7 @@ class CopyMask(PlaintextMatrix):
         return (*self.shape, "copy_mask")
 
     def mask_values(self) -> np.ndarray:
-        position = np.arange(self.slots)
-        return (position // self.rows == self.copy).astype(np.float64)
+        return copy_slots(self.rows, self.slots, self.copy)
 
     def mask(self, backend: SealBackend, parms_id) -> sealapi.Plaintext:
         key = tuple(parms_id)

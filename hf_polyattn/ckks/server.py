@@ -24,7 +24,9 @@ import torch
 
 from ..modeling.circuit import CircuitPlan, DecoderCircuit, NormSite, ShapeMatrices, symbolic_run
 from .cipher import CipherEngine
-from .matmul import BlockSumMatrix, CopyMask, CopySpread, EncodingBudget, PlaintextMatrix, require_supported_product
+from .matmul import (
+    BlockSumMatrix, CopyMask, CopySpread, EncodingBudget, PlaintextMatrix, copy_slots, require_supported_product,
+)
 from .params import PRECISION_LIMIT, CKKSParameters
 from .profiler import LatencyProfiler
 from .refresh import Refresher
@@ -91,8 +93,7 @@ class LayerMatrices:
         plan = self.plan
         if plan.kv_copies == 1:
             return None
-        copy = position % plan.kv_copies
-        return (np.arange(plan.slots) // plan.width == copy).astype(np.float64)
+        return copy_slots(plan.width, plan.slots, position % plan.kv_copies)
 
     def at(self, name: str, position: int) -> PlaintextMatrix:
         """A matrix of `position`: `W_q` / `W_k` with its RoPE, the head sums of the mean form."""
@@ -271,15 +272,12 @@ class CKKSServer:
         plan = self.circuit_plan
         norms = [site for block in plan.blocks for site in (block.input_norm, block.post_attention_norm)] + [plan.final_norm]
         for site in norms:
-            approximation = site.approximation
-            if not (approximation.iterations and approximation.init_degree):
+            if site.balance == 1.0:  # `CircuitPlan.from_model` balanced every norm whose x/2 passes `limit`
                 continue
-            low, high = approximation.domain
-            # Newton's step forms x/2 from the mapped input, in the norm's own units; balanced (where
-            # that passed the limit: `NormSite.balance`) its values stay within sqrt(high/low). Past
-            # the limit a refresh of them is refused, if the level schedule refreshes them (only
-            # then; so a warning, not a refusal)
-            largest = math.sqrt(high / low) if site.balance != 1.0 else 0.5 * high
+            low, high = site.approximation.domain
+            # balanced, Newton's values stay within sqrt(high/low); past the limit a refresh of them
+            # is refused, if the level schedule refreshes them (only then: a warning, not a refusal)
+            largest = math.sqrt(high / low)
             if largest > limit:
                 warnings.warn(
                     f"{site.name}: Newton's inverse square root forms values up to {largest:.3g} (its calibrated "

@@ -659,9 +659,11 @@ class _IterativeApproximation(Approximation):
     def _initial_errors(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _guess(self, t):
-        """The initial guess given the mapped input (a number for a constant guess)."""
-        return chebyshev_series(t, self.coefficients, self.chain_scale) if self.init_degree else self.coefficients[0]
+    def _guess(self, t, gain: float = 1.0):
+        """The initial guess given the mapped input (a number for a constant guess), times `gain`
+        (folded into the coefficients: no level)."""
+        coefficients = self.coefficients if gain == 1.0 else [c * gain for c in self.coefficients]
+        return chebyshev_series(t, coefficients, self.chain_scale) if self.init_degree else coefficients[0]
 
     def _recovered_x(self, t, factor: float = 1.0):
         """`factor·x` from the mapped input: `(t − shift)·(factor/scale)`, one ct×pt on the fresh
@@ -858,11 +860,8 @@ class InverseSqrtApproximation(_IterativeApproximation):
             return self._guess(t)
         if self.init_degree == 0:  # the first step folds the constant; x/2 costs its own ct×pt
             return newton_inverse_sqrt(t, self.iterations, self.coefficients[0])
-        # Newton's 1/2 is folded into the product that recovers x
-        if balance == 1.0:
-            return newton_inverse_sqrt(None, self.iterations, self._guess(t), half_x=self._recovered_x(t, 0.5))
-        guess = chebyshev_series(t, [c * balance**-0.5 for c in self.coefficients], self.chain_scale)
-        return newton_inverse_sqrt(None, self.iterations, guess, half_x=self._recovered_x(t, 0.5 * balance))
+        # Newton's 1/2 (and the balance) is folded into the product that recovers x
+        return newton_inverse_sqrt(None, self.iterations, self._guess(t, balance**-0.5), half_x=self._recovered_x(t, 0.5 * balance))
 
     def balance_for(self, limit: float | None) -> float:
         """The `balance` of `circuit_mapped` keeping Newton's `x/2` within `limit`: 1 where it already
