@@ -3,6 +3,7 @@
     python benchmarks/secure_smollm2.py                               # all 30 layers, 16-token prompt, 5 new tokens
     python benchmarks/secure_smollm2.py --layers 2 --new-tokens 2     # a quick look (first 2 layers only)
     python benchmarks/secure_smollm2.py --attn-eps 0.1 --scale-bits 43  # a normaliser floor a ring can hold
+    python benchmarks/secure_smollm2.py --kv-copies 1                  # the KV cache unpacked (one ciphertext per position)
 
 Greedy generation from a fixed 16-token prompt, in plaintext polynomial form and over CKKS with
 the LM head on the client (a 576×49,152 product is past what one ciphertext's slots hold; the
@@ -81,6 +82,8 @@ def main(argv=None) -> None:
                         help="GiB of encoded weight diagonals the server keeps (default: half the available memory)")
     parser.add_argument("--attn-eps", type=float, default=None, help="raise the normaliser floor to this and recalibrate")
     parser.add_argument("--calibration-blocks", type=int, default=64, help="256-token blocks to recalibrate on (with --attn-eps)")
+    parser.add_argument("--kv-copies", type=int, default=None,
+                        help="cached positions per KV ciphertext (default: as many as fit; 1: one ciphertext per position)")
     parser.add_argument("--predict", type=int, nargs="*", default=[64, 128], help="positions whose step time is predicted")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/secure_smollm2.md"))
     args = parser.parse_args(argv)
@@ -106,7 +109,8 @@ def main(argv=None) -> None:
     params = CKKSParameters(poly_modulus_degree=args.ring, scale_bits=args.scale_bits,
                             levels=CKKSParameters.max_levels(args.ring, scale_bits=args.scale_bits))
     budget_bytes = None if args.encoding_budget_gib is None else int(args.encoding_budget_gib * 2**30)
-    with SecureSession(model, params, lm_head="client", max_tokens=total, progress=True, encoding_budget=budget_bytes) as session:
+    with SecureSession(model, params, lm_head="client", max_tokens=total, progress=True, encoding_budget=budget_bytes,
+                       kv_copies=args.kv_copies) as session:
         server, profiler = session.server, session.profiler
         planned = server.plan(total - 1)  # the last generated token needs no step of its own
         rows, per_step = [], []
@@ -136,6 +140,9 @@ def main(argv=None) -> None:
     predicted_then = np.mean([predicted[t] for t in measured_positions]) if measured_positions else float("nan")
     config = model.config
     layers = config.num_hidden_layers
+    copies = server.circuit_plan.kv_copies
+    packing = ("one ciphertext per cached key and value" if copies == 1 else
+               f"packed, {copies} positions per ciphertext (the projections' input refreshed first where a size does not divide the slots)")
     command = command_line(__file__, argv)
     summary = [
         "| | value | target |",
@@ -165,7 +172,7 @@ def main(argv=None) -> None:
         + f"Sequence: {total} positions, the last one's token produced, not fed. "
         f"Ring N={params.poly_modulus_degree}, chain {list(params.coeff_mod_bit_sizes)} ({params.security}); in-process server, "
         "refreshes as masked round trips to the client; LM head on the client. Products: baby-step giant-step on raw SEAL "
-        "for every shape; the KV cache one ciphertext per cached key and value; the prompt fed token by token.\n\n"
+        f"for every shape; the KV cache {packing}; the prompt fed token by token.\n\n"
         f"Prompt ({len(ids[0])} tokens): `{tokenizer.decode(ids[0])!r}`; plaintext: `{tokenizer.decode(plain[0, len(ids[0]):])!r}`; "
         f"CKKS: `{tokenizer.decode(tokens[len(ids[0]):])!r}`.\n\n"
         + "\n".join(summary)

@@ -209,6 +209,17 @@ class Cipher:
         with self.engine.profiler.op("rotation"):
             return Cipher(matmul.rotate_sum(self.engine.seal, self.vector, stride, count), self.engine)
 
+    def replicated(self) -> "Cipher":
+        """Refreshed now, whatever its level (taken to the last level first, as a refresh is): the
+        client re-encrypts its first `size` values repeated over every slot, so every slot is right
+        again. Where a product's rows do not divide the slots, its last outputs read past the cut
+        copy of its input; the packed KV cache's projections need every copy right."""
+        if self.packed:
+            raise ValueError("a packed ciphertext holds a value per copy: it is refreshed over all slots, not replicated")
+        seal = self.engine.seal
+        lowest = Cipher(seal.to_vector(seal.at_last_level(self.vector.ciphertext()[0]), self.size), self.engine)
+        return self.engine.refresh(lowest)
+
     def serialize(self) -> bytes:
         with self.engine.profiler.op("serialization"):
             return self.engine.key_id + self.vector.serialize()

@@ -39,6 +39,16 @@ class SealBackend:
         """`values` repeated over every slot (`np.resize`): the layout TenSEAL gives a vector."""
         return self.encode(np.resize(values, self.slots), parms_id, scale)
 
+    def at_last_level(self, ct: sealapi.Ciphertext) -> sealapi.Ciphertext:
+        """`ct` mod-switched to the last level (`ct` itself if it is there; the values and the scale
+        are unchanged)."""
+        last = self.context.seal_context().data.last_parms_id()
+        if tuple(ct.parms_id()) == tuple(last):
+            return ct
+        lowered = sealapi.Ciphertext()
+        self.evaluator.mod_switch_to(ct, last, lowered)
+        return lowered
+
     def rotate(self, ct: sealapi.Ciphertext, step: int) -> sealapi.Ciphertext:
         rotated = sealapi.Ciphertext()
         self.evaluator.rotate_vector(ct, step, self.galois_keys, rotated)

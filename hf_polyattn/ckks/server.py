@@ -11,9 +11,10 @@ plaintext-matrix × ciphertext product (one level): baby-step giant-step on raw 
 norms' mean of squares (block-diagonal matrices of ones) by `~2·log2(block)` rotations and one
 masked product (`matmul.py`). Attention of query `t` runs over the encrypted K/V of tokens
 `≤ t` kept from earlier steps (the encrypted KV cache), so a token costs one incremental step.
-The cache is packed where every product's size divides the slots: as many positions per
-ciphertext as the slots hold copies of the attention width (`kv_copies`; see `circuit.py`), so the
-per-key work is paid once per ciphertext.
+The cache is packed: as many positions per ciphertext as the slots hold copies of the attention
+width (`kv_copies`; see `circuit.py`; where a product's size does not divide the slots, as many as
+end before the projections read past the cut copy, their input refreshed first), so the per-key
+work is paid once per ciphertext.
 """
 
 import math
@@ -207,9 +208,10 @@ class CKKSServer:
             the memory available; a 30-layer SmolLM2 needs ~1 GB a layer); past it they are
             encoded again at each use, slower but the same result.
         kv_copies: cached positions packed per KV ciphertext (default: as many copies of the
-            attention width as the slots hold, e.g. 64 for the embedded model on 4096 slots, where
-            every product's size divides the slots; else 1, one ciphertext per position, as for
-            SmolLM2's 576).
+            attention width as the slots hold, e.g. 64 for the embedded model on 4096 slots; where
+            a product's size does not divide the slots, as many as end before slot
+            `slots - hidden_size + 1`, e.g. 6 for SmolLM2's 576; `circuit.kv_copies_for`); 1: one
+            ciphertext per position.
     """
 
     def __init__(

@@ -30,8 +30,10 @@ broadcast product). Public factors are folded as before: the norm weights into t
 RoPE of the (public) position, `1/sqrt(head_dim)` and the score scale `1/C` into `W_q`, grouped KV
 heads into `W_k`, `W_v`.
 
-The KV cache is packed on a ring whose slots every product's size divides (`CircuitPlan.kv_copies`,
-`kv_copies_for`): a vector of the attention's width `w` fills the slots with `slots // w` copies, so `c` cached positions share one ciphertext, position
+The KV cache is packed (`CircuitPlan.kv_copies`, `kv_copies_for`): a vector of the attention's
+width `w` is laid out as `c` copies (`slots // w` where every product's size divides the slots;
+else as many as end before the projections read past the cut copy, their input refreshed first),
+so `c` cached positions share one ciphertext, position
 `t` in copy `t mod c` (the key product's output masked to that copy, free; the value masked by a
 product off the critical path). One `q ⊙ k`, head sum and power then serve `c` keys at once; the
 normaliser and the weighted values are summed over the copies by rotations (no level) and, where
@@ -170,6 +172,12 @@ class CircuitPlan:
         copy, with no spread."""
         return self.slots is not None and self.kv_copies * self.width == self.slots
 
+    @property
+    def replicates_projection_input(self) -> bool:
+        """Whether the circuit refreshes the query/key/value projections' input before them: packed
+        where some product's size does not divide the slots (see `kv_copies_for`)."""
+        return self.kv_copies > 1 and bool(undivided(self.slots, (self.width, self.hidden_size, self.intermediate_size)))
+
     @classmethod
     def from_model(cls, model, normaliser_resolution: float | None = None, value_limit: float | None = None,
                    slots: int | None = None, kv_copies: int | None = None) -> "CircuitPlan":
@@ -193,7 +201,8 @@ class CircuitPlan:
         attentions = score_scaled_attentions(base)
         hidden, width = config.hidden_size, config.num_attention_heads * base.layers[0].self_attn.head_dim
         head_dim = base.layers[0].self_attn.head_dim
-        copies = kv_copies_for(width, slots, kv_copies, reads=(hidden, config.intermediate_size))
+        copies = kv_copies_for(width, slots, kv_copies, reads=(hidden, config.intermediate_size),
+                               projection_rows=hidden, qk_norm=bool(config.qk_norm))
 
         residual_norms = [f"layers.{i}.{n}" for i in range(config.num_hidden_layers)
                           for n in ("input_layernorm", "post_attention_layernorm")] + ["norm"]
@@ -257,26 +266,42 @@ class CircuitPlan:
         )
 
 
-def kv_copies_for(width: int, slots: int | None, requested: int | None = None, reads: tuple[int, ...] = ()) -> int:
-    """Cached positions per KV ciphertext: `requested`, or as many copies of `width` as the slots hold.
+def undivided(slots: int, sizes: tuple[int, ...]) -> list[int]:
+    """The sizes that do not divide the slots: a vector of such a size ends in a cut copy."""
+    return [n for n in sizes if slots % n]
 
-    Packing reads every copy, so it needs every product right in every slot: each of `reads` (the
-    sizes the circuit's products read) dividing the slots. Elsewhere a product's last outputs read
-    past the cut copy of its input, and how far that reaches depends on where refreshes restore the
-    layout: such a model is not packed (SmolLM2's 576 and 1536 on 4096 slots)."""
+
+def kv_copies_for(width: int, slots: int | None, requested: int | None = None, reads: tuple[int, ...] = (),
+                  projection_rows: int | None = None, qk_norm: bool = False) -> int:
+    """Cached positions per KV ciphertext: `requested`, or as many copies of `width` as fit.
+
+    Packing reads every copy. Where every size (`width` and `reads`, the sizes the circuit's
+    products read) divides the slots, every product is right in every slot: `slots // width`
+    copies. Elsewhere (SmolLM2's 576 and 1536 on 4096 slots) a product's output slot `j` reads its
+    input at slots `j … j + rows - 1`, wrong past the input's cut copy, and how far that reaches
+    depends on the products since the last refresh. So the circuit refreshes the projections'
+    input first (`CircuitPlan.replicates_projection_input`: every slot right again), which makes
+    the query, key and value right up to slot `slots - projection_rows`, and the copies end there:
+    `(slots - projection_rows + 1) // width` of them. Query/key norms put a norm and a RoPE
+    product between the projection and the cache, not planned for: such a model is not packed.
+    """
     if slots is None:
         if requested not in (None, 1):
             raise ValueError("packing the KV cache needs the ring's slot count")
         return 1
-    cut = [n for n in (width, *reads) if slots % n]
-    fit = 1 if cut else slots // width
+    cut = undivided(slots, (width, *reads))
+    if not cut:
+        fit, why = slots // width, f"{slots} slots hold {slots // width} copies of width {width}"
+    elif qk_norm or projection_rows is None:
+        fit, why = 1, f"{cut} do not divide the {slots} slots, and query/key norms are not planned for with packing"
+    else:
+        fit = max(1, (slots - projection_rows + 1) // width)
+        why = (f"{cut} do not divide the {slots} slots: the copies of width {width} must end before slot "
+               f"{slots - projection_rows + 1}, where the {projection_rows}-row projections start reading past the cut copy")
     if requested is None:
         return fit
-    if cut and requested != 1:
-        raise ValueError(f"the KV cache is packed only where every product's size divides the {slots} slots; "
-                         f"{cut} do not (kv_copies must be 1)")
     if not 1 <= requested <= fit:
-        raise ValueError(f"kv_copies must be in [1, {fit}] ({slots} slots hold {fit} copies of width {width}), got {requested}")
+        raise ValueError(f"kv_copies must be in [1, {fit}] ({why}), got {requested}")
     return requested
 
 
@@ -434,6 +459,9 @@ class DecoderCircuit:
         p, index = self.plan, block.index
         position = self.cached[index]
         packed = p.kv_copies > 1
+        if p.replicates_projection_input:  # the copies reach slots only a replicated input gets right
+            with self.profiler.step("kv packing"):
+                y = y.replicated()
         with self.profiler.step("pt×ct matmul"):
             query = y.matmul(self._matrix("query", index, position))
             # packed: the key's product writes its copy only (the position's matrix is masked)

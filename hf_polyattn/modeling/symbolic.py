@@ -121,6 +121,16 @@ class SymbolicCipher:
         self.tally.ops["rotation"] += window_sum_rotations(count)
         return SymbolicCipher(self.size, self.depth, self.tally)
 
+    def replicated(self) -> "SymbolicCipher":
+        """Refreshed now, whatever its depth (the server's `Cipher.replicated`): counted as a refresh
+        on a ring; on no ring (a depth report) it changes nothing, since depth counts levels."""
+        if self.tally.top_level is None:
+            return self
+        if not self.tally.refresh_allowed:
+            raise ValueError("the circuit refreshes a value to replicate it and refreshing is disabled")
+        self.tally.refreshes += 1
+        return SymbolicCipher(self.size, 0, self.tally)
+
     def serialize(self) -> None:
         return None
 

@@ -22,61 +22,76 @@ class PlainVector:
     def _other(self, other):
         return other.values if isinstance(other, PlainVector) else other
 
+    def _like(self, values):
+        return type(self)(values)
+
     def __add__(self, other):
-        return type(self)(self.values + self._other(other))
+        return self._like(self.values + self._other(other))
 
     __radd__ = __add__
 
     def __sub__(self, other):
-        return type(self)(self.values - self._other(other))
+        return self._like(self.values - self._other(other))
 
     def __rsub__(self, other):
-        return type(self)(self._other(other) - self.values)
+        return self._like(self._other(other) - self.values)
 
     def __mul__(self, other):
-        return type(self)(self.values * self._other(other))
+        return self._like(self.values * self._other(other))
 
     __rmul__ = __mul__
 
     def __neg__(self):
-        return type(self)(-self.values)
+        return self._like(-self.values)
 
     def matmul(self, matrix):
-        return type(self)(self.values @ matrix.matrix)
+        return self._like(self.values @ matrix.matrix)
 
 
 class SlotVector(PlainVector):
-    """A vector over every slot of a ring, with the server's slot semantics in numpy: the reference
-    for the packed KV cache's layout. A weight product computes TenSEAL's diagonals over the cyclic
-    slots (`y[j] = Σ_k W[(j+k) mod rows, j mod cols]·x[j+k]`, so where the rows do not divide the
-    slots its last outputs read past the cut copy, as on the server), masked to the matrix's
-    `output_slots`; block sums are window sums, a mask and a spread; rotations are `np.roll`."""
+    """A vector of `size` values over every slot of a ring, with the server's slot semantics in
+    numpy: the reference for the packed KV cache's layout. A weight product computes TenSEAL's
+    diagonals over the cyclic slots (`y[j] = Σ_k W[(j+k) mod rows, j mod cols]·x[j+k]`, so where
+    the rows do not divide the slots its last outputs read past the cut copy, as on the server),
+    masked to the matrix's `output_slots`; block sums are window sums, a mask and a spread;
+    rotations are `np.roll`; `replicated` repeats the first `size` values (a refresh). Nothing
+    else is refreshed: no slot is put right again that the server would not put right."""
+
+    def __init__(self, values, size: int):
+        super().__init__(values)
+        self.size = size
+
+    def _like(self, values, size=None):
+        return type(self)(values, self.size if size is None else size)
 
     def matmul(self, matrix):
         x, slots = self.values, len(self.values)
         j = np.arange(slots)
         if isinstance(matrix, CopyMask):
-            return type(self)(x * matrix.mask_values())
+            return self._like(x * matrix.mask_values())
         if isinstance(matrix, CopySpread):  # copy 0, everywhere
-            return type(self)(np.resize(x[: matrix.rows], slots))
+            return self._like(np.resize(x[: matrix.rows], slots))
         if isinstance(matrix, BlockSumMatrix):
             window = sum(np.roll(x, -i) for i in range(matrix.block))
             if matrix.block == matrix.rows:
-                return type(self)(window * matrix.factor)
+                return self._like(window * matrix.factor)
             starts = (j % matrix.rows % matrix.block == 0) & (j + matrix.block <= slots)
-            return type(self)(sum(np.roll(window * starts * matrix.factor, i) for i in range(matrix.block)))
+            return self._like(sum(np.roll(window * starts * matrix.factor, i) for i in range(matrix.block)))
         y = sum(matrix.matrix[(j + k) % matrix.rows, j % matrix.cols] * np.roll(x, -k) for k in range(matrix.rows))
-        return type(self)(y if matrix.output_slots is None else y * matrix.output_slots)
+        return self._like(y if matrix.output_slots is None else y * matrix.output_slots, matrix.cols)
 
     def rotate_sum(self, stride: int, count: int):
-        return type(self)(sum(np.roll(self.values, -i * stride) for i in range(count)))
+        return self._like(sum(np.roll(self.values, -i * stride) for i in range(count)))
+
+    def replicated(self):
+        return self._like(np.resize(self.values[: self.size], len(self.values)))
 
 
 def server_circuit_logits(server, embeddings: np.ndarray, vocab: int) -> np.ndarray:
     """The server's own circuit and matrices, on unencrypted slot vectors."""
     server.reset()
     slots = server.engine.seal.slots
-    return np.stack([server.circuit.step(SlotVector(np.resize(e, slots))).values[:vocab] for e in embeddings])
+    return np.stack([server.circuit.step(SlotVector(np.resize(e, slots), len(e))).values[:vocab] for e in embeddings])
 
 
 def circuit_logits(model, ids: torch.Tensor) -> np.ndarray:
@@ -157,22 +172,38 @@ def test_the_packed_kv_cache_computes_the_polynomial_form(form, kv_copies):
     assert np.abs(logits - reference).max() < 1e-5 * np.abs(reference).max()
 
 
-def test_a_model_whose_products_do_not_divide_the_slots_is_not_packed():
+@pytest.mark.parametrize("kv_copies, tokens", [(None, 86), (3, 9)])  # 86: into the last copies, and past them
+def test_a_model_whose_products_do_not_divide_the_slots_packs_copies_its_projections_get_right(kv_copies, tokens):
     # d = 48 does not divide the 4096 slots: a projection's last outputs read past the cut copy of its
-    # input, and how far depends on where refreshes restore the layout; packed copies there were
-    # wrong (the slot reference above, 86 positions in 85 copies, was off by 2e-3)
-    model = polynomial_tiny(num_hidden_layers=1, hidden_size=48, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
-    assert CircuitPlan.from_model(model, slots=4096).kv_copies == 1
-    with pytest.raises(ValueError, match=r"packed only where every product's size divides the 4096 slots; \[48, 48, 96\]"):
-        CircuitPlan.from_model(model, slots=4096, kv_copies=2)
-    ids = random_ids(1, 9, seed=8)
+    # input, and how far depends on the products since the last refresh (the slot reference was off
+    # by 2e-3 with 85 copies and no refresh). Refreshing the projections' input first makes them right
+    # up to slot 4096 - 48, so (4096 - 47) // 48 = 84 copies fit
+    model = polynomial_tiny(num_hidden_layers=2, hidden_size=48, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
+    plan = CircuitPlan.from_model(model, slots=4096)
+    assert plan.kv_copies == 84 and plan.replicates_projection_input and not plan.copies_fill_slots
+    with pytest.raises(ValueError, match=r"kv_copies must be in \[1, 84\] \(\[48, 48, 96\] do not divide the 4096 slots"):
+        CircuitPlan.from_model(model, slots=4096, kv_copies=85)
+    ids = random_ids(1, tokens, seed=8)
     embeddings = model.get_input_embeddings()(ids[0]).detach().double().numpy()
     client = CKKSClient()
-    server = CKKSServer(model, client.public_context(), ClientRoundTrip(client))
+    server = CKKSServer(model, client.public_context(), ClientRoundTrip(client), kv_copies=kv_copies)
     logits = server_circuit_logits(server, embeddings, model.config.vocab_size)
+    assert len(server.circuit.keys[0]) == -(-tokens // server.circuit_plan.kv_copies)
     with torch.no_grad():
         reference = model.double()(ids).logits[0].numpy()
     assert np.abs(logits - reference).max() < 1e-5 * np.abs(reference).max()
+    # the refresh is planned: one per block and token, the rest as unpacked
+    packed, unpacked = (symbolic_run(CircuitPlan.from_model(model, slots=4096, kv_copies=c), 9, top_level=2).refreshes
+                        for c in (84, 1))
+    assert packed < unpacked
+
+
+def test_query_and_key_norms_are_not_packed_where_products_do_not_divide_the_slots():
+    model = polynomial_tiny(num_hidden_layers=1, hidden_size=48, intermediate_size=96, num_attention_heads=4,
+                            num_key_value_heads=2, qk_norm=True)
+    assert CircuitPlan.from_model(model, slots=4096).kv_copies == 1
+    with pytest.raises(ValueError, match="query/key norms are not planned for with packing"):
+        CircuitPlan.from_model(model, slots=4096, kv_copies=2)
 
 
 def test_packing_costs_a_level_only_where_the_copies_do_not_fill_the_slots():
@@ -194,7 +225,7 @@ def test_packing_costs_a_level_only_where_the_copies_do_not_fill_the_slots():
 
 class TrackedVector(PlainVector):
     """A `PlainVector` that remembers the largest magnitude any vector of the circuit reached
-    (every operator of `PlainVector` makes its result with `type(self)`)."""
+    (every operator of `PlainVector` makes its result with `_like`, `type(self)`)."""
 
     largest = 0.0
 

@@ -111,12 +111,15 @@ def test_reported_depth_is_the_depth_of_the_server_circuit(client, form, power):
     assert (balanced > 0) == (power == 8)
 
 
-def test_shapes_whose_rows_do_not_divide_the_slots_run_by_bsgs(client):
+@pytest.mark.parametrize("kv_copies", [None, 1])
+def test_shapes_whose_rows_do_not_divide_the_slots_run_by_bsgs(client, kv_copies):
     # d=48: 48 rows do not divide the 4096 slots (TenSEAL's own matmul used to take these products);
-    # the KV cache is not packed there (one ciphertext per position)
+    # packed, the projections' input is refreshed first (at whatever level it has) so that 84 copies
+    # are right, and the planner counts that refresh
     model = polynomial_tiny(num_hidden_layers=1, hidden_size=48, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
-    server = check_against_plaintext(model, client, random_ids(1, 2, seed=14))
-    assert server.circuit_plan.kv_copies == 1
+    server = check_against_plaintext(model, client, random_ids(1, 3, seed=14), kv_copies=kv_copies)
+    assert server.circuit_plan.kv_copies == (84 if kv_copies is None else 1)
+    assert [len(keys) for keys in server.circuit.keys] == [1 if kv_copies is None else 3]
 
 
 def test_a_server_past_its_encoding_budget_encodes_again_and_computes_the_same(client):
