@@ -10,7 +10,15 @@ import tenseal as ts
 
 from . import matmul
 from .client import key_id, load_vector
-from .matmul import BlockSumMatrix, CopyMask, CopySpread, EncodingBudget, PlaintextMatrix, require_supported_product
+from .matmul import (
+    BlockSumMatrix,
+    CopyMask,
+    CopySpread,
+    EncodingBudget,
+    PlaintextMatrix,
+    RotaryMatrix,
+    require_supported_product,
+)
 from .profiler import LatencyProfiler
 from .refresh import Refresher
 from .seal_backend import SealBackend
@@ -187,7 +195,7 @@ class Cipher:
         seal = self.engine.seal
         require_supported_product(matrix.rows, matrix.cols, seal.slots)
         a = self._fresh_enough()
-        # packed out: a copy mask, a product writing some slots only, a block sum of packed values
+        # packed out: a copy mask, a product (or RoPE) writing some slots only, a block sum of packed values
         packed = matrix.output_slots is not None
         with self.engine.profiler.op("pt×ct matmul"):
             if isinstance(matrix, BlockSumMatrix):
@@ -196,6 +204,8 @@ class Cipher:
                 vector, packed = matmul.copy_mask(seal, a.vector, matrix), True
             elif isinstance(matrix, CopySpread):
                 vector = matmul.copy_spread(seal, a.vector, matrix)
+            elif isinstance(matrix, RotaryMatrix):
+                vector = matmul.rotary(seal, a.vector, matrix)
             else:
                 vector = matmul.matmul(seal, a.vector, matrix, self.engine.encoding_budget)
         self.engine.levels_consumed += 1

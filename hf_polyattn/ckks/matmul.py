@@ -229,6 +229,71 @@ def rotate_sum(backend: SealBackend, vector: ts.CKKSVector, stride: int, count: 
     return backend.to_vector(_window_sum(backend, ct, count, stride), vector.size())
 
 
+def rope_matrix(cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """`R` with `x @ R = x·cos + rotate_half(x)·sin` for one head (transformers' Llama RoPE)."""
+    dim = cos.shape[0]
+    half = dim // 2
+    rotation = np.diag(cos)
+    for i in range(half):
+        rotation[i + half, i] = -sin[i]
+        rotation[i, i + half] = sin[i + half]
+    return rotation
+
+
+class RotaryMatrix(PlaintextMatrix):
+    """RoPE of one position on `heads` heads of `len(cos)` values: `x·cos + rotate_half(x)·sin`, by
+    two rotations (by ±head_dim/2, the halves each value pairs with) and three slot-wise plaintext
+    products: one level, where the dense `(width × width)` product would encode `width` diagonals
+    again for every position (RoPE depends on it). `output_slots`: written only there (the packed
+    KV cache's copy), at no cost: the three slot vectors carry the mask."""
+
+    def __init__(self, cos: np.ndarray, sin: np.ndarray, heads: int, output_slots: np.ndarray | None = None):
+        cos, sin = np.asarray(cos, dtype=np.float64), np.asarray(sin, dtype=np.float64)
+        if cos.shape != sin.shape or cos.ndim != 1 or cos.shape[0] % 2:
+            raise ValueError(f"RoPE needs cos and sin of one even head dimension, got {cos.shape} and {sin.shape}")
+        super().__init__(np.kron(np.eye(heads), rope_matrix(cos, sin)), reusable=False, output_slots=output_slots)
+        self.head_dim = cos.shape[0]
+        self._masks: dict[tuple, list] = {}
+
+    @property
+    def cost_key(self) -> tuple:
+        return (*self.shape, "rotary", self.head_dim)
+
+    def slot_vectors(self, slots: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What multiplies `x`, `rot(x, half)` (slot `j` reads `j + half`) and `rot(x, -half)` in
+        each slot of the replicated layout: the diagonal of `R`, its entries pairing a value with the
+        one half a head after it (first halves, `-sin`) and before it (second halves, `sin`)."""
+        half = self.head_dim // 2
+        local = np.arange(slots) % self.rows
+        first = local % self.head_dim < half
+        after = np.where(first, self.matrix[np.minimum(local + half, self.rows - 1), local], 0.0)
+        before = np.where(first, 0.0, self.matrix[np.maximum(local - half, 0), local])
+        vectors = (self.matrix[local, local], after, before)
+        if self.output_slots is not None:
+            vectors = tuple(v * self.output_slots for v in vectors)
+        return vectors
+
+    def masks(self, backend: SealBackend, parms_id) -> list:
+        """`[(rotation, plaintext)]` of the nonzero slot vectors (at position 0 RoPE is the identity:
+        no rotation term; SEAL refuses a product by an all-zero plaintext)."""
+        key = tuple(parms_id)
+        if key not in self._masks:
+            half = self.head_dim // 2
+            self._masks[key] = [(step, backend.encode(v, parms_id))
+                                for step, v in zip((0, half, -half), self.slot_vectors(backend.slots)) if v.any()]
+        return self._masks[key]
+
+
+def rotary(backend: SealBackend, vector: ts.CKKSVector, matrix: RotaryMatrix) -> ts.CKKSVector:
+    """`vector @ matrix` for RoPE: `Σ rot(x, step) ⊙ mask`, rescaled (one level, two rotations)."""
+    ct = vector.ciphertext()[0]
+    total = backend.multiply_sum((ct if step == 0 else backend.rotate(ct, step), plain)
+                                 for step, plain in matrix.masks(backend, ct.parms_id()))
+    backend.evaluator.rescale_to_next_inplace(total)
+    total.scale = backend.scale
+    return backend.to_vector(total, matrix.cols)
+
+
 def copy_slots(width: int, slots: int, copy: int) -> np.ndarray:
     """1 on the slots of copy `copy` of a `width`-value vector repeated over `slots`, 0 elsewhere."""
     return (np.arange(slots) // width == copy).astype(np.float64)
@@ -330,11 +395,15 @@ def copy_spread(backend: SealBackend, vector: ts.CKKSVector, matrix: CopySpread)
 
 def matrix_for_cost_key(key: tuple, slots: int, rng: np.random.Generator) -> PlaintextMatrix:
     """A matrix whose product costs what `key` (a `cost_key`) prices: random weights of that shape,
-    or the block sum, copy mask or copy spread of that width (`costs.measure_op_costs`)."""
+    or the block sum, copy mask, copy spread or RoPE of that width (`costs.measure_op_costs`)."""
     rows, cols = key[:2]
     if len(key) == 2:
         return PlaintextMatrix(rng.uniform(-1, 1, (rows, cols)))
     kind = key[2]
+    if kind == "rotary":
+        head_dim = key[3]
+        angles = rng.uniform(0, 2 * np.pi, head_dim)
+        return RotaryMatrix(np.cos(angles), np.sin(angles), rows // head_dim)
     if kind == "copy_mask":
         return CopyMask(rows, slots, 0)
     if kind == "copy_spread":

@@ -26,22 +26,12 @@ import torch
 from ..modeling.circuit import CircuitPlan, DecoderCircuit, NormSite, ShapeMatrices, symbolic_run
 from .cipher import CipherEngine
 from .matmul import (
-    BlockSumMatrix, CopyMask, CopySpread, EncodingBudget, PlaintextMatrix, copy_slots, require_supported_product,
+    BlockSumMatrix, CopyMask, CopySpread, EncodingBudget, PlaintextMatrix, RotaryMatrix, copy_slots,
+    require_supported_product,
 )
 from .params import PRECISION_LIMIT, CKKSParameters
 from .profiler import LatencyProfiler
 from .refresh import Refresher
-
-
-def _rope_matrix(cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """`R` with `x @ R = x·cos + rotate_half(x)·sin` for one head (transformers' Llama RoPE)."""
-    dim = cos.shape[0]
-    half = dim // 2
-    rotation = np.diag(cos)
-    for i in range(half):
-        rotation[i + half, i] = -sin[i]
-        rotation[i, i + half] = sin[i + half]
-    return rotation
 
 
 def _weight(linear) -> np.ndarray:
@@ -67,10 +57,11 @@ class LayerMatrices:
             self.expand_kv[kv * head_dim : (kv + 1) * head_dim, head * head_dim : (head + 1) * head_dim] = np.eye(head_dim)
         self.plan, self.heads, self.kv_heads, self.head_dim = plan, heads, kv_heads, head_dim
         self.score_factor = attention.scaling / block.attention.score_scale
-        self.wq = gamma1 * _weight(attention.q_proj)
-        self.wk = gamma1 * _weight(attention.k_proj)
         activation_scale = block.activation.mapping[0]
         self.fixed = {
+            # RoPE is the position's own product after these (`at`), so these are encoded once
+            "query": PlaintextMatrix(gamma1 * _weight(attention.q_proj) * self.score_factor),
+            "key": PlaintextMatrix((gamma1 * _weight(attention.k_proj)) @ self.expand_kv),
             "value": PlaintextMatrix((gamma1 * _weight(attention.v_proj)) @ self.expand_kv),
             "out": PlaintextMatrix(_weight(attention.o_proj) * scale),
             "gate": PlaintextMatrix(activation_scale * gamma2 * _weight(layer.mlp.gate_proj)),
@@ -97,21 +88,19 @@ class LayerMatrices:
         return copy_slots(plan.width, plan.slots, position % plan.kv_copies)
 
     def at(self, name: str, position: int) -> PlaintextMatrix:
-        """A matrix of `position`: `W_q` / `W_k` with its RoPE, the head sums of the mean form."""
+        """A matrix of `position`: the query's and key's RoPE, the head sums of the mean form."""
         if name in self.fixed:
             return self.fixed[name]
         # Each position is used once per sequence: keep only the latest (a dict of every
-        # position would hold L·T matrices: gigabytes at d=576, T=128).
+        # position would hold L·T matrices).
         if self._at is None or self._at[0] != position:
             dummy = torch.zeros(1, 1, self.head_dim, dtype=torch.float64)
-            cos, sin = self._rotary(dummy, position_ids=torch.tensor([[position]]))
-            rope = _rope_matrix(cos[0, 0].double().numpy(), sin[0, 0].double().numpy())
-            # used once each (this position, this layer): encoded for the product, never kept; the
-            # key written into its copy of the packed cache only
+            cos, sin = (t[0, 0].double().numpy() for t in self._rotary(dummy, position_ids=torch.tensor([[position]])))
+            # three slot vectors each, encoded for this position's product; the key written into its
+            # copy of the packed cache only
             matrices = {
-                "query": PlaintextMatrix(self.wq @ np.kron(np.eye(self.heads), rope) * self.score_factor, reusable=False),
-                "key": PlaintextMatrix(self.wk @ np.kron(np.eye(self.kv_heads), rope) @ self.expand_kv, reusable=False,
-                                       output_slots=self._copy_slots(position)),
+                "query_rope": RotaryMatrix(cos, sin, self.heads),
+                "key_rope": RotaryMatrix(cos, sin, self.heads, output_slots=self._copy_slots(position)),
             }
             if self.plan.mean_form:
                 matrices["score_sum"] = self._score_sum(self.gain / (position + 1))

@@ -27,8 +27,9 @@ plaintext product before it, at no level cost:
 The powers multiply the values while the reciprocal is computed, so the reciprocal is applied
 once per query (not once per key), and the head sums come out spread over each head's slots (no
 broadcast product). Public factors are folded as before: the norm weights into the next projection,
-RoPE of the (public) position, `1/sqrt(head_dim)` and the score scale `1/C` into `W_q`, grouped KV
-heads into `W_k`, `W_v`.
+`1/sqrt(head_dim)` and the score scale `1/C` into `W_q`, grouped KV heads into `W_k`, `W_v`. RoPE
+of the (public) position is its own product (a level: two rotations by half a head and three
+slot-wise plaintexts), so the projections' diagonals are encoded once, not again at each position.
 
 The KV cache is packed (`CircuitPlan.kv_copies`, `kv_copies_for`): a vector of the attention's
 width `w` is laid out as `c` copies (`slots // w` where every product's size divides the slots;
@@ -202,7 +203,7 @@ class CircuitPlan:
         hidden, width = config.hidden_size, config.num_attention_heads * base.layers[0].self_attn.head_dim
         head_dim = base.layers[0].self_attn.head_dim
         copies = kv_copies_for(width, slots, kv_copies, reads=(hidden, config.intermediate_size),
-                               projection_rows=hidden, qk_norm=bool(config.qk_norm))
+                               projection_reach=hidden - 1 + head_dim // 2, qk_norm=bool(config.qk_norm))
 
         residual_norms = [f"layers.{i}.{n}" for i in range(config.num_hidden_layers)
                           for n in ("input_layernorm", "post_attention_layernorm")] + ["norm"]
@@ -272,7 +273,7 @@ def undivided(slots: int, sizes: tuple[int, ...]) -> list[int]:
 
 
 def kv_copies_for(width: int, slots: int | None, requested: int | None = None, reads: tuple[int, ...] = (),
-                  projection_rows: int | None = None, qk_norm: bool = False) -> int:
+                  projection_reach: int | None = None, qk_norm: bool = False) -> int:
     """Cached positions per KV ciphertext: `requested`, or as many copies of `width` as fit.
 
     Packing reads every copy. Where every size (`width` and `reads`, the sizes the circuit's
@@ -280,10 +281,11 @@ def kv_copies_for(width: int, slots: int | None, requested: int | None = None, r
     copies. Elsewhere (SmolLM2's 576 and 1536 on 4096 slots) a product's output slot `j` reads its
     input at slots `j … j + rows - 1`, wrong past the input's cut copy, and how far that reaches
     depends on the products since the last refresh. So the circuit refreshes the projections'
-    input first (`CircuitPlan.replicates_projection_input`: every slot right again), which makes
-    the query, key and value right up to slot `slots - projection_rows`, and the copies end there:
-    `(slots - projection_rows + 1) // width` of them. Query/key norms put a norm and a RoPE
-    product between the projection and the cache, not planned for: such a model is not packed.
+    input first (`CircuitPlan.replicates_projection_input`: every slot right again); a query or
+    key slot `j` then reads that input up to `j + projection_reach` (the projection's rows - 1,
+    and RoPE's half a head), so it is right up to slot `slots - 1 - projection_reach`, and the
+    copies end there: `(slots - projection_reach) // width` of them. Query/key norms put a norm
+    between the projection and RoPE, not planned for: such a model is not packed.
     """
     if slots is None:
         if requested not in (None, 1):
@@ -292,12 +294,12 @@ def kv_copies_for(width: int, slots: int | None, requested: int | None = None, r
     cut = undivided(slots, (width, *reads))
     if not cut:
         fit, why = slots // width, f"{slots} slots hold {slots // width} copies of width {width}"
-    elif qk_norm or projection_rows is None:
+    elif qk_norm or projection_reach is None:
         fit, why = 1, f"{cut} do not divide the {slots} slots, and query/key norms are not planned for with packing"
     else:
-        fit = max(1, (slots - projection_rows + 1) // width)
+        fit = max(1, (slots - projection_reach) // width)
         why = (f"{cut} do not divide the {slots} slots: the copies of width {width} must end before slot "
-               f"{slots - projection_rows + 1}, where the {projection_rows}-row projections start reading past the cut copy")
+               f"{slots - projection_reach}, where the query and key start reading past the cut copy")
     if requested is None:
         return fit
     if not 1 <= requested <= fit:
@@ -323,7 +325,8 @@ def residual_scale_for(norms: list[tuple[Approximation, int]], value_limit: floa
 class MatrixShape:
     """A plaintext matrix known by its shape only (what a symbolic run needs); `block`: a
     block-diagonal matrix of ones, summed by rotations (a CKKS backend's `BlockSumMatrix`);
-    `kind`: a slot-wise product of the packed KV cache ("copy_mask", "copy_spread")."""
+    `kind`: a slot-wise product, of the packed KV cache ("copy_mask", "copy_spread") or RoPE
+    ("rotary", with `block` the head it rotates)."""
 
     rows: int
     cols: int
@@ -338,7 +341,7 @@ class MatrixShape:
     def cost_key(self) -> tuple:
         """What prices the product: its shape, and the block of a rotation product or its kind."""
         if self.kind is not None:
-            return (*self.shape, self.kind)
+            return (*self.shape, self.kind) if self.block is None else (*self.shape, self.kind, self.block)
         return self.shape if self.block is None else (*self.shape, self.block)
 
 
@@ -352,8 +355,7 @@ class ShapeMatrices:
         p = self.plan
         d, w, inner = p.hidden_size, p.width, p.intermediate_size
         shapes = {
-            "query": (d, w), "key": (d, w), "value": (d, w), "query_rope": (w, w), "key_rope": (w, w),
-            "score_sum": (w, w), "out": (w, d), "gate": (d, inner), "up": (d, inner), "down": (inner, d),
+            "query": (d, w), "key": (d, w), "value": (d, w), "score_sum": (w, w), "out": (w, d), "gate": (d, inner), "up": (d, inner), "down": (inner, d),
             "head": (d, p.vocab_size),
         }
         if name == "norm_sum":  # the mean of squares over each group of `size`, in its every slot
@@ -364,6 +366,8 @@ class ShapeMatrices:
             return MatrixShape(w, w, p.head_dim)
         if name in ("copy_mask", "copy_spread"):  # the packed KV cache's slot-wise products
             return MatrixShape(w, w, kind=name)
+        if name in ("query_rope", "key_rope"):  # by rotations of half a head and slot-wise products
+            return MatrixShape(w, w, p.head_dim, kind="rotary")
         return MatrixShape(*shapes[name])
 
 
@@ -463,13 +467,14 @@ class DecoderCircuit:
             with self.profiler.step("kv packing"):
                 y = y.replicated()
         with self.profiler.step("pt×ct matmul"):
-            query = y.matmul(self._matrix("query", index, position))
-            # packed: the key's product writes its copy only (the position's matrix is masked)
-            key = y.matmul(self._matrix("key", index, position))
+            query = y.matmul(self._matrix("query", index))
+            key = y.matmul(self._matrix("key", index))
             value = y.matmul(self._matrix("value", index))
         if block.query_norm is not None:  # normalised per head before RoPE (Gemma 3, Qwen 3)
-            query = self.norm(query, block.query_norm).matmul(self._matrix("query_rope", index, position))
-            key = self.norm(key, block.key_norm).matmul(self._matrix("key_rope", index, position))
+            query, key = self.norm(query, block.query_norm), self.norm(key, block.key_norm)
+        with self.profiler.step("rope"):  # the position's own: packed, the key's writes its copy only
+            query = query.matmul(self._matrix("query_rope", index, position))
+            key = key.matmul(self._matrix("key_rope", index, position))
         if packed:  # the value into its copy: a level, while the scores take four
             with self.profiler.step("kv packing"):
                 value = value.matmul(self._matrix("copy_mask", index, position))

@@ -8,9 +8,9 @@ from hf_polyattn.ckks.planner import circuit_depth
 from tests.helpers import polynomial_tiny
 
 
-# the 1-layer tiny model's; by rotations: norm sums (block 32), head sums (block 8); the packed KV
-# cache's value masks (its 128 copies fill the slots: no spread)
-SHAPES = {(32, 32), (32, 32, 32), (32, 32, 8), (32, 64), (64, 32), (32, 97), (32, 32, "copy_mask")}
+# the 1-layer tiny model's; by rotations: norm sums (block 32), head sums (block 8), RoPE (heads of
+# 8); the packed KV cache's value masks (its 128 copies fill the slots: no spread)
+SHAPES = {(32, 32), (32, 32, 32), (32, 32, 8), (32, 64), (64, 32), (32, 97), (32, 32, "copy_mask"), (32, 32, "rotary", 8)}
 
 
 def costs(ring: int, levels: int, refresh: float, op: float, **params) -> OpCosts:

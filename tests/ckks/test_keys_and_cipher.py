@@ -379,3 +379,42 @@ def test_the_packed_kv_cache_primitives_match_numpy_in_every_slot(client, engine
         assert np.abs(all_slots(client, engine, summed) - np.resize(total, slots)).max() < 1e-4
     with pytest.raises(ValueError, match="whole copies"):
         CopyMask(width, slots, copies)
+
+
+# SmolLM2's heads (rotations by 32: one Galois key) and 4 heads of 12 (by 6: two keys, 48 not dividing the slots)
+@pytest.mark.parametrize("heads, head_dim", [(9, 64), (4, 12)])
+def test_rope_by_rotations_matches_the_dense_rope_product_in_every_slot_it_reads_right(client, engine, heads, head_dim):
+    from hf_polyattn.ckks.matmul import RotaryMatrix, copy_slots
+
+    slots, width, half = client.params.slots, heads * head_dim, head_dim // 2
+    generator = np.random.default_rng(head_dim)
+    angles = generator.uniform(0, 2 * np.pi, head_dim)
+    values = generator.uniform(-1, 1, width)
+    x = engine.load(client.encrypt(values))
+    rope = RotaryMatrix(np.cos(angles), np.sin(angles), heads)
+    y = x.matmul(rope)
+    expected = np.resize(values @ rope.matrix, slots)  # the dense product: transformers' RoPE per head
+    # slot j reads j ± half: right wherever that stays on the input's copies (all but the last half head)
+    assert y.level == x.level - 1 and not y.packed
+    assert np.abs(all_slots(client, engine, y)[: slots - half] - expected[: slots - half]).max() < 1e-5
+    # written into one copy of the packed cache: the mask rides on the slot vectors
+    mask = copy_slots(width, slots, 2)
+    packed = x.matmul(RotaryMatrix(np.cos(angles), np.sin(angles), heads, output_slots=mask))
+    assert packed.packed and np.abs(all_slots(client, engine, packed) - expected * mask).max() < 1e-5
+    # position 0: cos 1, sin 0, the identity with no rotation
+    assert np.abs(client.decrypt(x.matmul(RotaryMatrix(np.ones(head_dim), np.zeros(head_dim), heads)).serialize()) - values).max() < 1e-5
+
+
+def test_replicating_refreshes_at_any_level_and_puts_every_slot_right(client, engine):
+    from hf_polyattn.ckks.matmul import PlaintextMatrix
+
+    slots, rows = client.params.slots, 48  # 48 does not divide the slots: a product's last outputs are wrong
+    generator = np.random.default_rng(4)
+    values, weights = generator.uniform(-1, 1, rows), generator.uniform(-1, 1, (rows, rows)) / rows
+    y = engine.load(client.encrypt(values)).matmul(PlaintextMatrix(weights))
+    expected = np.resize(values @ weights, slots)
+    assert y.level > 0 and np.abs(all_slots(client, engine, y) - expected)[slots - rows + 1 :].max() > 1e-3
+    refreshes = engine.profiler.refreshes
+    replicated = y.replicated()
+    assert engine.profiler.refreshes == refreshes + 1 and replicated.level == engine.top_level
+    assert np.abs(all_slots(client, engine, replicated) - expected).max() < 1e-5
