@@ -198,8 +198,8 @@ class CKKSServer:
             encoded again at each use, slower but the same result.
         kv_copies: cached positions packed per KV ciphertext (default: as many copies of the
             attention width as the slots hold, e.g. 64 for the embedded model on 4096 slots; where
-            a product's size does not divide the slots, as many as end before slot
-            `slots - hidden_size + 1`, e.g. 6 for SmolLM2's 576; `circuit.kv_copies_for`); 1: one
+            a product's size does not divide the slots, as many as end before the query and key
+            read past the cut copy, e.g. 6 for SmolLM2's 576; `circuit.kv_copies_for`); 1: one
             ciphertext per position.
     """
 
