@@ -63,11 +63,15 @@ def available_memory_bytes() -> int:
 class EncodingBudget:
     """How many bytes of encoded diagonals the matrices of one engine may keep.
 
-    A plaintext at N=8192 with three primes is 196 KB, so one SmolLM2 layer's diagonals take ~1 GB
-    and all 30 layers would not fit in memory. Matrices are kept first come, first kept, until the
-    budget is spent; the rest are encoded again at each use (0.4 ms a diagonal). Not an LRU: a
-    step walks the layers in the same order every token, and an LRU smaller than that cycle evicts
-    every matrix just before its next use.
+    A plaintext at N=8192 with three primes is 196 KB (131 KB with two, 66 KB with one: a
+    diagonal is encoded at the level of the ciphertext it multiplies), so one SmolLM2 layer's
+    diagonals take ~1 GB and all 30 layers would not fit in memory. What does not fit is encoded
+    again at each use, at about the same time per diagonal whatever its level (~0.5 ms). So the
+    budget keeps the most diagonals it can: the smallest plaintexts first. A matrix whose
+    diagonals are smaller than some kept ones takes their room (they are encoded again at their
+    next use); otherwise first come, first kept. Not an LRU: a step walks the layers in the same
+    order every token, and an LRU smaller than that cycle evicts every matrix just before its
+    next use.
 
     Args:
         max_bytes: the budget; default half of the memory available when it is made.
@@ -79,17 +83,32 @@ class EncodingBudget:
             raise ValueError(f"an encoding budget cannot be negative, got {max_bytes}")
         self.kept_bytes = 0
         self.encoded_again = 0  # diagonals encoded for a single product (past the budget)
+        self._kept: dict[tuple, tuple] = {}  # (id(matrix), level key) -> (weakref to matrix, bytes, bytes per diagonal)
 
-    def keep(self, nbytes: int) -> bool:
-        """Whether `nbytes` more may be kept (and, if so, counts them as kept)."""
+    def keep(self, matrix: "PlaintextMatrix", key: tuple, nbytes: int, diagonals: int) -> bool:
+        """Whether `matrix` may keep `nbytes` of `diagonals` encoded at `key` (and, if so, counts
+        them), making room by dropping kept matrices of larger diagonals where that is enough."""
+        size = nbytes / max(diagonals, 1)
         if self.kept_bytes + nbytes > self.max_bytes:
-            return False
+            larger = sorted((entry for entry in self._kept.items() if entry[1][2] > size), key=lambda entry: -entry[1][2])
+            if self.kept_bytes - sum(entry[1][1] for entry in larger) + nbytes > self.max_bytes:
+                return False
+            for handle, (owner, _, _) in larger:
+                if self.kept_bytes + nbytes <= self.max_bytes:
+                    break
+                kept = owner()
+                if kept is not None:
+                    kept.forget(handle[1])  # calls release
         self.kept_bytes += nbytes
+        self._kept[(id(matrix), key)] = (weakref.ref(matrix), nbytes, size)
+        weakref.finalize(matrix, self.release, id(matrix), key)  # a dropped matrix gives its bytes back
         return True
 
-    def release(self, nbytes: int) -> None:
-        """`nbytes` kept before are free again (their matrix is gone)."""
-        self.kept_bytes -= nbytes
+    def release(self, matrix_id: int, key: tuple) -> None:
+        """What the matrix `matrix_id` kept at `key` is free again (forgotten, or the matrix is gone)."""
+        entry = self._kept.pop((matrix_id, key), None)
+        if entry is not None:
+            self.kept_bytes -= entry[1]
 
 
 class PlaintextMatrix:
@@ -110,6 +129,7 @@ class PlaintextMatrix:
         self.rows, self.cols = self.matrix.shape
         self.output_slots = output_slots
         self._encoded: dict[tuple, dict] = {}
+        self._budget: EncodingBudget | None = None  # where its kept diagonals are counted
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -140,13 +160,17 @@ class PlaintextMatrix:
         if not self.reusable:
             return encoded
         nbytes = sum(plain.coeff_count() for plain in encoded.values()) * 8
-        if budget is None or budget.keep(nbytes):
+        if budget is None or budget.keep(self, key, nbytes, len(encoded)):
             self._encoded[key] = encoded
-            if budget is not None:  # a matrix dropped (a past position's) gives its bytes back
-                weakref.finalize(self, budget.release, nbytes)
+            self._budget = budget
         else:
             budget.encoded_again += len(encoded)
         return encoded
+
+    def forget(self, key: tuple) -> None:
+        """Drop the diagonals kept at `key` (a level): its budget needs the room for smaller ones."""
+        if self._encoded.pop(key, None) is not None and self._budget is not None:
+            self._budget.release(id(self), key)
 
 
 class BlockSumMatrix(PlaintextMatrix):

@@ -308,6 +308,36 @@ def test_encoded_diagonals_are_kept_within_the_budget_and_given_back_with_their_
     assert tight.kept_bytes == size
 
 
+def test_the_budget_keeps_the_smallest_diagonals_first(client, engine):
+    from hf_polyattn.ckks.matmul import EncodingBudget
+
+    generator = np.random.default_rng(5)
+    x = engine.load(client.encrypt(generator.uniform(-1, 1, 64)))
+    lower = x * 1.0  # a level down: its products' diagonals have one prime fewer
+    top, low = (v.vector.ciphertext()[0].parms_id() for v in (x, lower))
+    big, small, other = (PlaintextMatrix(generator.uniform(-1, 1, (64, 64))) for _ in range(3))
+    sizes = []
+    for matrix, level in ((big, top), (small, low)):
+        probe = EncodingBudget(max_bytes=10**12)
+        matrix.plaintexts(engine.seal, level, probe)
+        sizes.append(probe.kept_bytes)
+        matrix.forget(tuple(level))
+        assert probe.kept_bytes == 0  # forgotten: the bytes are back
+    big_bytes, small_bytes = sizes
+    assert small_bytes < big_bytes
+    budget = EncodingBudget(max_bytes=big_bytes)
+    big.plaintexts(engine.seal, top, budget)
+    assert budget.kept_bytes == big_bytes
+    small.plaintexts(engine.seal, low, budget)  # smaller diagonals: they take the big matrix's room
+    assert budget.kept_bytes == small_bytes and budget.encoded_again == 0
+    big.plaintexts(engine.seal, top, budget)  # now encoded again at each use
+    other.plaintexts(engine.seal, low, budget)  # the same size as the kept one: no room is taken
+    assert budget.kept_bytes == small_bytes and budget.encoded_again == 2 * 64
+    # the product is the same whether its diagonals were kept, dropped or encoded again
+    expected = x.matmul(PlaintextMatrix(big.matrix))
+    assert np.allclose(client.decrypt(x.matmul(big).serialize()), client.decrypt(expected.serialize()), atol=1e-6)
+
+
 # SmolLM2's 9 heads of 64 (576 slots, not dividing the 4096), a tiny model's 4 heads of 8, heads
 # of 48 (not a power of two), and one block: SmolLM2's norm sum over 576
 @pytest.mark.parametrize("heads, block", [(9, 64), (4, 8), (3, 48), (1, 576)])
