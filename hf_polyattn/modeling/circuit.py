@@ -355,7 +355,8 @@ class ShapeMatrices:
         p = self.plan
         d, w, inner = p.hidden_size, p.width, p.intermediate_size
         shapes = {
-            "query": (d, w), "key": (d, w), "value": (d, w), "score_sum": (w, w), "out": (w, d), "gate": (d, inner), "up": (d, inner), "down": (inner, d),
+            "query": (d, w), "key": (d, w), "value": (d, w), "score_sum": (w, w), "out": (w, d),
+            "gate": (d, inner), "up": (d, inner), "down": (inner, d),
             "head": (d, p.vocab_size),
         }
         if name == "norm_sum":  # the mean of squares over each group of `size`, in its every slot
