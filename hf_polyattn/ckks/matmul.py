@@ -20,6 +20,7 @@ divide the slots (SmolLM2's 576 and 1536) used to go to TenSEAL's `matmul`, 5–
 import math
 import os
 import weakref
+from typing import NamedTuple
 
 import numpy as np
 import tenseal as ts
@@ -60,6 +61,15 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+class _Kept(NamedTuple):
+    """Diagonals an `EncodingBudget` counts: whose (a weak reference), at which level, their bytes."""
+
+    owner: weakref.ref
+    key: tuple
+    nbytes: int
+    diagonal_bytes: float
+
+
 class EncodingBudget:
     """How many bytes of encoded diagonals the matrices of one engine may keep.
 
@@ -83,32 +93,33 @@ class EncodingBudget:
             raise ValueError(f"an encoding budget cannot be negative, got {max_bytes}")
         self.kept_bytes = 0
         self.encoded_again = 0  # diagonals encoded for a single product (past the budget)
-        self._kept: dict[tuple, tuple] = {}  # (id(matrix), level key) -> (weakref to matrix, bytes, bytes per diagonal)
+        self._kept: dict[tuple, _Kept] = {}  # by (id(matrix), level key)
 
     def keep(self, matrix: "PlaintextMatrix", key: tuple, nbytes: int, diagonals: int) -> bool:
         """Whether `matrix` may keep `nbytes` of `diagonals` encoded at `key` (and, if so, counts
         them), making room by dropping kept matrices of larger diagonals where that is enough."""
         size = nbytes / max(diagonals, 1)
         if self.kept_bytes + nbytes > self.max_bytes:
-            larger = sorted((entry for entry in self._kept.items() if entry[1][2] > size), key=lambda entry: -entry[1][2])
-            if self.kept_bytes - sum(entry[1][1] for entry in larger) + nbytes > self.max_bytes:
+            larger = sorted((kept for kept in self._kept.values() if kept.diagonal_bytes > size),
+                            key=lambda kept: -kept.diagonal_bytes)
+            if self.kept_bytes - sum(kept.nbytes for kept in larger) + nbytes > self.max_bytes:
                 return False
-            for handle, (owner, _, _) in larger:
+            for kept in larger:
                 if self.kept_bytes + nbytes <= self.max_bytes:
                     break
-                kept = owner()
-                if kept is not None:
-                    kept.forget(handle[1])  # calls release
+                owner = kept.owner()
+                if owner is not None:
+                    owner.forget(kept.key)  # calls release
         self.kept_bytes += nbytes
-        self._kept[(id(matrix), key)] = (weakref.ref(matrix), nbytes, size)
+        self._kept[(id(matrix), key)] = _Kept(weakref.ref(matrix), key, nbytes, size)
         weakref.finalize(matrix, self.release, id(matrix), key)  # a dropped matrix gives its bytes back
         return True
 
     def release(self, matrix_id: int, key: tuple) -> None:
         """What the matrix `matrix_id` kept at `key` is free again (forgotten, or the matrix is gone)."""
-        entry = self._kept.pop((matrix_id, key), None)
-        if entry is not None:
-            self.kept_bytes -= entry[1]
+        kept = self._kept.pop((matrix_id, key), None)
+        if kept is not None:
+            self.kept_bytes -= kept.nbytes
 
 
 class PlaintextMatrix:
@@ -290,9 +301,8 @@ class RotaryMatrix(PlaintextMatrix):
         half = self.head_dim // 2
         local = np.arange(slots) % self.rows
         first = local % self.head_dim < half
-        after = np.where(first, self.matrix[np.minimum(local + half, self.rows - 1), local], 0.0)
-        before = np.where(first, 0.0, self.matrix[np.maximum(local - half, 0), local])
-        vectors = (self.matrix[local, local], after, before)
+        paired = self.matrix[np.where(first, local + half, local - half), local]  # the same head's other half
+        vectors = (self.matrix[local, local], np.where(first, paired, 0.0), np.where(first, 0.0, paired))
         if self.output_slots is not None:
             vectors = tuple(v * self.output_slots for v in vectors)
         return vectors

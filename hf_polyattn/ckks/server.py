@@ -41,7 +41,7 @@ def _weight(linear) -> np.ndarray:
 class LayerMatrices:
     """The plaintext matrices of one decoder layer, with the public factors folded in."""
 
-    def __init__(self, layer, plan: CircuitPlan, block, rotary):
+    def __init__(self, layer, plan: CircuitPlan, block):
         attention = layer.self_attn
         heads, kv_heads, head_dim = plan.heads, plan.kv_heads, plan.head_dim
         group = heads // kv_heads
@@ -55,11 +55,11 @@ class LayerMatrices:
         for head in range(heads):
             kv = head // group
             self.expand_kv[kv * head_dim : (kv + 1) * head_dim, head * head_dim : (head + 1) * head_dim] = np.eye(head_dim)
-        self.plan, self.heads, self.kv_heads, self.head_dim = plan, heads, kv_heads, head_dim
+        self.plan, self.heads, self.head_dim = plan, heads, head_dim
         self.score_factor = attention.scaling / block.attention.score_scale
         activation_scale = block.activation.mapping[0]
         self.fixed = {
-            # RoPE is the position's own product after these (`at`), so these are encoded once
+            # RoPE is the position's own product after these (`ServerMatrices.rope`), so these are encoded once
             "query": PlaintextMatrix(gamma1 * _weight(attention.q_proj) * self.score_factor),
             "key": PlaintextMatrix((gamma1 * _weight(attention.k_proj)) @ self.expand_kv),
             "value": PlaintextMatrix((gamma1 * _weight(attention.v_proj)) @ self.expand_kv),
@@ -71,8 +71,7 @@ class LayerMatrices:
         self.gain = block.attention.gain
         if not plan.mean_form:  # the sum form's head sums do not depend on the position
             self.fixed["score_sum"] = self._score_sum(self.gain)
-        self._rotary = rotary
-        self._at: tuple[int, dict] | None = None
+        self._at: tuple[int, BlockSumMatrix] | None = None
 
     def _score_sum(self, factor: float) -> BlockSumMatrix:
         # Sums each head's q ⊙ k and spreads it over the head's slots, times factor^(1/p): the
@@ -80,32 +79,16 @@ class LayerMatrices:
         # By rotations (`BlockSumMatrix`), a cost paid once per cached key.
         return BlockSumMatrix(self.heads * self.head_dim, self.head_dim, factor ** (1 / self.plan.power))
 
-    def _copy_slots(self, position: int) -> np.ndarray | None:
-        """The slots of `position`'s copy in the packed KV cache (`None`: not packed)."""
-        plan = self.plan
-        if plan.kv_copies == 1:
-            return None
-        return copy_slots(plan.width, plan.slots, position % plan.kv_copies)
-
     def at(self, name: str, position: int) -> PlaintextMatrix:
-        """A matrix of `position`: the query's and key's RoPE, the head sums of the mean form."""
+        """A matrix of this layer: its fixed weights, or the mean form's head sums of `position`."""
         if name in self.fixed:
             return self.fixed[name]
-        # Each position is used once per sequence: keep only the latest (a dict of every
-        # position would hold L·T matrices).
+        if name != "score_sum":
+            raise KeyError(f"no {name!r} matrix in a layer")
+        # each position is used once per sequence: keep only the latest
         if self._at is None or self._at[0] != position:
-            dummy = torch.zeros(1, 1, self.head_dim, dtype=torch.float64)
-            cos, sin = (t[0, 0].double().numpy() for t in self._rotary(dummy, position_ids=torch.tensor([[position]])))
-            # three slot vectors each, encoded for this position's product; the key written into its
-            # copy of the packed cache only
-            matrices = {
-                "query_rope": RotaryMatrix(cos, sin, self.heads),
-                "key_rope": RotaryMatrix(cos, sin, self.heads, output_slots=self._copy_slots(position)),
-            }
-            if self.plan.mean_form:
-                matrices["score_sum"] = self._score_sum(self.gain / (position + 1))
-            self._at = (position, matrices)
-        return self._at[1][name]
+            self._at = (position, self._score_sum(self.gain / (position + 1)))
+        return self._at[1]
 
 
 class ServerMatrices:
@@ -113,7 +96,10 @@ class ServerMatrices:
 
     def __init__(self, model, plan: CircuitPlan, lm_head: bool):
         base = model.model
-        self.layers = [LayerMatrices(layer, plan, block, base.rotary_emb) for layer, block in zip(base.layers, plan.blocks)]
+        self.plan = plan
+        self.layers = [LayerMatrices(layer, plan, block) for layer, block in zip(base.layers, plan.blocks)]
+        self._rotary = base.rotary_emb  # one RoPE for every layer (`require_encryptable`)
+        self._rope: tuple[int, dict] | None = None
         gamma = base.norm.weight.detach().double().numpy()[:, None] * plan.final_norm.output_gain / plan.residual_scale
         self.head = PlaintextMatrix(gamma * model.lm_head.weight.detach().double().numpy().T) if lm_head else None
         self._norm_sums: dict[str, PlaintextMatrix] = {}
@@ -132,7 +118,22 @@ class ServerMatrices:
             return self.copy_masks[position % len(self.copy_masks)]
         if name == "copy_spread":
             return self.copy_spread
+        if name in ("query_rope", "key_rope"):
+            return self.rope(position)[name]
         return self.layers[block].at(name, position)
+
+    def rope(self, position: int) -> dict[str, RotaryMatrix]:
+        """The query's and key's RoPE at `position`, shared by every layer (their slot vectors are
+        encoded once per level, not once per layer); the key's written into its copy of the packed
+        cache only. Each position is used once per sequence: only the latest is kept."""
+        if self._rope is None or self._rope[0] != position:
+            plan = self.plan
+            dummy = torch.zeros(1, 1, plan.head_dim, dtype=torch.float64)
+            cos, sin = (t[0, 0].double().numpy() for t in self._rotary(dummy, position_ids=torch.tensor([[position]])))
+            copy = None if plan.kv_copies == 1 else copy_slots(plan.width, plan.slots, position % plan.kv_copies)
+            self._rope = (position, {"query_rope": RotaryMatrix(cos, sin, plan.heads),
+                                     "key_rope": RotaryMatrix(cos, sin, plan.heads, output_slots=copy)})
+        return self._rope[1]
 
 
 def require_encryptable(model) -> None:
