@@ -22,6 +22,9 @@ from hf_polyattn.training.pretrain import pretrain, split_text
 from hf_polyattn.assets import DEFAULT_MODEL_DIR, load_default_model
 
 
+MAX_BLOCK_DEPTH = 40
+
+
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text", nargs="*", type=Path, help="text files (default: the Shakespeare corpus)")
@@ -50,7 +53,9 @@ def main(argv=None) -> Path:
         )
         model, tokenizer = result.model, result.tokenizer
     _, held_out = split_text(texts)
-    calibrate(model, tokenizer, [held_out], block_size=128, num_blocks=64)
+    # the fewest refreshes on the default ring, each block within 40 levels (what a bootstrapped
+    # ring would have to give it)
+    calibrate(model, tokenizer, [held_out], block_size=128, num_blocks=64, max_block_depth=MAX_BLOCK_DEPTH)
     print(model.polynomial_report(as_text=True))
     _save_without_code(model, args.out)
     if not args.recalibrate:  # a re-saved tokenizer only gains loader noise

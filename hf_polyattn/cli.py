@@ -72,7 +72,9 @@ def _polynomialize(args: argparse.Namespace) -> int:
     train_text, held_out_text = split_text(read_texts(args.text))
     batches = calibration_batches(tokenizer, [train_text], args.block, args.blocks)
     options = {"activation": {"degree": args.activation_degree}} if args.activation_degree else {}
-    options.update({name: getattr(args, name) for name in ("tolerance", "margin") if getattr(args, name) is not None})
+    options.update({name: getattr(args, name) for name in ("tolerance", "margin", "max_block_depth") if getattr(args, name) is not None})
+    if args.least_depth:
+        options["levels_per_refresh"] = None
     model.to_exact().to_polynomial(calibration_data=batches, **options)
     print(model.polynomial_report(as_text=True))
     held_out = torch.tensor(text_blocks(tokenizer, [held_out_text], args.block)["input_ids"][: args.blocks])
@@ -337,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     poly.add_argument("--tolerance", type=float, help="max relative error of 1/x and 1/sqrt(x) (default: to_polynomial's)")
     poly.add_argument("--margin", type=float, help="domain margin around the observed range (default: to_polynomial's)")
     poly.add_argument("--activation-degree", type=int, help="degree of the activation polynomial (default: to_polynomial's)")
+    choice = poly.add_mutually_exclusive_group()
+    choice.add_argument("--max-block-depth", type=int, help="the fewest refreshes with at most this many levels per block")
+    choice.add_argument("--least-depth", action="store_true", help="the shallowest circuits (default: the fewest refreshes on the default ring)")
     poly.set_defaults(run=_polynomialize)
 
     convert = commands.add_parser("convert", help="a softmax checkpoint (Llama/SmolLM2, Mistral, Qwen2, GPT-NeoX, GPT-2) -> PolyAttn (same weights)")
