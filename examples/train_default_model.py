@@ -16,6 +16,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from hf_polyattn.ckks import fit_to_ring
 from hf_polyattn.training.calibrate import calibrate
 from hf_polyattn.training.corpora import read_texts
 from hf_polyattn.training.pretrain import pretrain, split_text
@@ -53,9 +54,9 @@ def main(argv=None) -> Path:
         )
         model, tokenizer = result.model, result.tokenizer
     _, held_out = split_text(texts)
-    # the fewest refreshes on the default ring, each block within 40 levels (what a bootstrapped
-    # ring would have to give it)
-    calibrate(model, tokenizer, [held_out], block_size=128, num_blocks=64, max_block_depth=MAX_BLOCK_DEPTH)
+    calibrate(model, tokenizer, [held_out], block_size=128, num_blocks=64)
+    # the fewest refreshes on the default ring, each block within 40 levels (the depth it had)
+    fit_to_ring(model, max_block_depth=MAX_BLOCK_DEPTH)
     print(model.polynomial_report(as_text=True))
     _save_without_code(model, args.out)
     if not args.recalibrate:  # a re-saved tokenizer only gains loader noise

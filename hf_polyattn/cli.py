@@ -64,6 +64,9 @@ def _polynomialize(args: argparse.Namespace) -> int:
     from hf_polyattn.training.pretrain import split_text
     from hf_polyattn.evaluation.fidelity import polynomial_fidelity
 
+    if args.max_block_depth is not None and (not args.fit_ring or args.max_block_depth < 1):
+        print("hf-polyattn: --max-block-depth needs --fit-ring and a value >= 1", file=sys.stderr)
+        return 2
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     if not hasattr(model, "to_polynomial"):
         print(f"hf-polyattn: {args.model} is a {model.config.model_type} model, not PolyAttn", file=sys.stderr)
@@ -72,10 +75,12 @@ def _polynomialize(args: argparse.Namespace) -> int:
     train_text, held_out_text = split_text(read_texts(args.text))
     batches = calibration_batches(tokenizer, [train_text], args.block, args.blocks)
     options = {"activation": {"degree": args.activation_degree}} if args.activation_degree else {}
-    options.update({name: getattr(args, name) for name in ("tolerance", "margin", "max_block_depth") if getattr(args, name) is not None})
-    if args.least_depth:
-        options["levels_per_refresh"] = None
+    options.update({name: getattr(args, name) for name in ("tolerance", "margin") if getattr(args, name) is not None})
     model.to_exact().to_polynomial(calibration_data=batches, **options)
+    if args.fit_ring:
+        from hf_polyattn.ckks import fit_to_ring
+
+        fit_to_ring(model, max_block_depth=args.max_block_depth)
     print(model.polynomial_report(as_text=True))
     held_out = torch.tensor(text_blocks(tokenizer, [held_out_text], args.block)["input_ids"][: args.blocks])
     scores = polynomial_fidelity(model, held_out, progress=True)
@@ -339,9 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     poly.add_argument("--tolerance", type=float, help="max relative error of 1/x and 1/sqrt(x) (default: to_polynomial's)")
     poly.add_argument("--margin", type=float, help="domain margin around the observed range (default: to_polynomial's)")
     poly.add_argument("--activation-degree", type=int, help="degree of the activation polynomial (default: to_polynomial's)")
-    choice = poly.add_mutually_exclusive_group()
-    choice.add_argument("--max-block-depth", type=int, help="the fewest refreshes with at most this many levels per block")
-    choice.add_argument("--least-depth", action="store_true", help="the shallowest circuits (default: the fewest refreshes on the default ring)")
+    poly.add_argument("--fit-ring", action="store_true",
+                      help="re-choose 1/x and 1/sqrt(x) for the fewest refreshes on the default CKKS ring (deeper, fewer round trips)")
+    poly.add_argument("--max-block-depth", type=int, help="with --fit-ring: at most this many levels per block where possible")
     poly.set_defaults(run=_polynomialize)
 
     convert = commands.add_parser("convert", help="a softmax checkpoint (Llama/SmolLM2, Mistral, Qwen2, GPT-NeoX, GPT-2) -> PolyAttn (same weights)")

@@ -92,6 +92,17 @@ def test_cli_polynomialize_reports_saves_and_info_shows_it(trained, tmp_path, ca
     assert "polynomial form: yes" in info and "layers.1.self_attn.reciprocal" in info
 
 
+def test_cli_polynomialize_fits_the_ring_within_a_block_depth(trained, tmp_path, capsys):
+    out = tmp_path / "fitted"
+    argv = ["polynomialize", "--model", str(trained), "--out", str(out), "--text", str(trained.parent / "text.txt"),
+            "--block", "32", "--blocks", "8"]
+    assert cli_main(argv + ["--max-block-depth", "40"]) == 2  # a bound without the fit: refused before any work
+    assert "needs --fit-ring" in capsys.readouterr().err and not out.exists()
+    assert cli_main(argv + ["--fit-ring", "--max-block-depth", "40"]) == 0
+    fit = AutoModelForCausalLM.from_pretrained(out).config.polynomial["fit"]
+    assert fit["levels_per_refresh"] == 2 and fit["max_block_depth"] == 40
+
+
 def test_train_default_model_script_saves_a_calibrated_polynomial_model(tmp_path, python_docs):
     text = tmp_path / "text.txt"
     text.write_text("\n".join(python_docs)[:300_000])

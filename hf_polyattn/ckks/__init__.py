@@ -11,6 +11,7 @@ from .params import CKKSParameters
 from .profiler import LatencyProfiler
 from .refresh import ClientRoundTrip, Refresher
 from .remote import RemoteServer, ServerProcess
+from .ring_fit import fit_to_ring
 from .server import CKKSServer
 from .service import SecureService, ServiceLimits
 from .session import SecureSession
@@ -29,5 +30,6 @@ __all__ = [
     "SecureSession",
     "ServerProcess",
     "client_model",
+    "fit_to_ring",
     "ServiceLimits",
 ]

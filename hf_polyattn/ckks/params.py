@@ -3,8 +3,6 @@
 import math
 from dataclasses import dataclass, field
 
-from ..modeling.polynomial_form import DEFAULT_LEVELS_PER_REFRESH
-
 # Largest total coefficient-modulus size (bits) for 128-bit classical security (HE standard,
 # as enforced by SEAL) per ring degree.
 MAX_COEFF_MODULUS_BITS_128 = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
@@ -32,7 +30,7 @@ class CKKSParameters:
     """
 
     poly_modulus_degree: int = 8192
-    levels: int = DEFAULT_LEVELS_PER_REFRESH  # what the polynomial form's approximations are chosen for
+    levels: int = 2
     scale_bits: int = 40
     first_bits: int = 60
     coeff_mod_bit_sizes: tuple[int, ...] = field(init=False)

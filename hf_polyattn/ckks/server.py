@@ -136,6 +136,19 @@ class ServerMatrices:
         return self._rope[1]
 
 
+def circuit_options(params: CKKSParameters, refreshes: bool = True, kv_copies: int | None = None) -> dict:
+    """What a ring adds to a model's circuit (`CircuitPlan.from_model`'s options): the smallest
+    attention normaliser it resolves (its precision over `PRECISION_LIMIT`), the largest value a
+    circuit may form (what a refresh carries when refreshes are on, since the client refuses more
+    than its mask bound `R`; else what the ring holds), and its slots for the packed KV cache."""
+    return {
+        "normaliser_resolution": params.precision / PRECISION_LIMIT,
+        "value_limit": params.mask_bound if refreshes else params.value_bound,
+        "slots": params.slots,
+        "kv_copies": kv_copies,
+    }
+
+
 def require_encryptable(model) -> None:
     """Refuse a model CKKS cannot run, naming the step to run first."""
     if not getattr(model, "is_polynomial", False):
@@ -222,8 +235,7 @@ class CKKSServer:
         self.max_tokens = max_tokens
         self.lm_head = lm_head
         self.circuit_plan = CircuitPlan.from_model(
-            model, normaliser_resolution=self.precision() / PRECISION_LIMIT, value_limit=self.value_limit(),
-            slots=self.engine.seal.slots, kv_copies=kv_copies,
+            model, **circuit_options(self.params, refreshes=refresher is not None, kv_copies=kv_copies)
         )
         self.circuit = DecoderCircuit(self.circuit_plan, ServerMatrices(model, self.circuit_plan, lm_head), self.engine.profiler, lm_head)
         self._check_budget()
@@ -233,10 +245,8 @@ class CKKSServer:
         return self.engine.profiler
 
     def value_limit(self) -> float:
-        """The largest value the circuit may form: what a refresh carries when refreshes are on
-        (a value may reach one, and the client refuses more than its mask bound `R`), else what
-        the ring holds."""
-        return self.params.mask_bound if self.engine.refresher is not None else self.params.value_bound
+        """The largest value the circuit may form (`circuit_options`)."""
+        return circuit_options(self.params, self.engine.refresher is not None)["value_limit"]
 
     def precision(self) -> float:
         """The typical absolute error of a value on this ring (`CKKSParameters.precision`)."""

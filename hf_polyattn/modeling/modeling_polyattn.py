@@ -29,7 +29,6 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_polyattn import AUTO_MAP, PolyAttnConfig
 from .calibration import record_ranges
 from .polynomial_form import (
-    DEFAULT_LEVELS_PER_REFRESH,
     DEFAULT_MARGIN,
     DEFAULT_TOLERANCE,
     ApproximatedOp,
@@ -41,7 +40,6 @@ from .polynomial_form import (
     polynomial_report,
     remove_polynomial,
 )
-from .refresh_choice import choose_for_refreshes
 from .power_softmax import ATTENTION_NAME, exact_reciprocal, power_softmax_attention_forward
 from .secure_generation import SecureGenerationMixin
 
@@ -273,8 +271,6 @@ class PolyAttnPreTrainedModel(PreTrainedModel):
         reciprocal: dict | None = None,
         inv_sqrt: dict | None = None,
         activation: dict | None = None,
-        levels_per_refresh: int | None = DEFAULT_LEVELS_PER_REFRESH,
-        max_block_depth: int | None = None,
         check_domain: bool = True,
         progress: bool = True,
     ):
@@ -296,29 +292,17 @@ class PolyAttnPreTrainedModel(PreTrainedModel):
             reciprocal / inv_sqrt / activation: options of each approximation, e.g.
                 `reciprocal={"method": "newton", "init_degree": 7}`, `activation={"degree": 31}`,
                 `inv_sqrt={"init_degree": 3, "iterations": 2}` (defaults: `DEFAULT_OPTIONS`; an
-                initial guess's degree "auto" picks among the circuits meeting `tolerance`, see below).
-            levels_per_refresh: the levels a CKKS ring gives between two refreshes (the default
-                ring's 2): "auto" sites then take, block by block, the candidates that make the
-                fewest refreshes there (`refresh_choice.py`; the shallowest circuit refreshes more
-                of its intermediates). `None`: the shallowest circuit, site by site.
-            max_block_depth: with `levels_per_refresh`, the most levels a decoder block may take
-                (where some choice allows it): fewer refreshes at a bounded depth.
+                initial guess's degree "auto" picks the shallowest circuit meeting `tolerance`).
             check_domain: count inputs outside a domain and warn once per step.
             progress: show a progress bar while calibrating.
 
         Returns the model itself; `to_exact()` switches back.
         """
-        for name, value in (("levels_per_refresh", levels_per_refresh), ("max_block_depth", max_block_depth)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
-        if max_block_depth is not None and levels_per_refresh is None:
-            raise ValueError("max_block_depth bounds the choice for a ring's refreshes: give levels_per_refresh too")
         options = {k: v for k, v in (("reciprocal", reciprocal), ("inv_sqrt", inv_sqrt), ("activation", activation)) if v}
         base = self.base_model
         previous = self.config.polynomial
         if calibration_data is None and previous and not options:
             spec = {**previous, "enabled": True}
-            install_polynomial(base, spec, check_domain)
         else:
             ranges = record_ranges(self, calibration_data, progress) if calibration_data is not None else None
             if ranges is None and previous and previous.get("calibrated"):
@@ -327,12 +311,7 @@ class PolyAttnPreTrainedModel(PreTrainedModel):
                     "domains cannot be kept when the approximations change"
                 )
             spec = build_polynomial_spec(base, self.config, ranges, tolerance, margin, options)
-            spec.update(levels_per_refresh=levels_per_refresh, max_block_depth=max_block_depth)
-            install_polynomial(base, spec, check_domain)
-            if levels_per_refresh is not None:
-                self.config.polynomial = spec  # the circuit the choice runs reads the installed form
-                chosen = choose_for_refreshes(self, levels_per_refresh, max_block_depth, progress)
-                spec = {**spec, "sites": {**spec["sites"], **chosen}}
+        install_polynomial(base, spec, check_domain)
         self.config.polynomial = spec
         return self
 

@@ -30,9 +30,6 @@ DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
     "inv_sqrt": {"init_degree": "auto"},
     "activation": {"degree": "auto", "fit": "minimax"},  # the lowest 2^m - 1 meeting the tolerance (absolute)
 }
-# Levels between two refreshes on the default CKKS ring (N=8192, chain [60, 40, 40, 60]): "auto"
-# approximations are chosen for the refreshes they cost there (`refresh_choice.py`).
-DEFAULT_LEVELS_PER_REFRESH = 2
 DEFAULT_MARGIN = 2.0  # positive domains: [min / margin, max · margin]
 ACTIVATION_MARGIN = 0.25  # activation domains grow by this fraction of their width on each side
 

@@ -6,10 +6,12 @@ a norm's degree-31 minimax guess (depth 5, 19 ct×ct) refreshes ~17 of its inter
 ciphertexts where a degree-7 guess and two Newton steps (depth 7, 11 ct×ct) refresh ~7: the
 shallowest circuit is not the cheapest one. So, per decoder block, every combination of its
 "auto" sites' candidates (each initial-guess degree with the fewest iterations meeting the
-tolerance) is run through the block's own circuit (`circuit.DecoderCircuit` on symbolic
-ciphertexts, the code the server runs), and the one with the fewest refreshes is kept, within
-`max_block_depth` when one is given (a bootstrapped ring pays for depth instead; pass
-`levels_per_refresh` = its levels).
+tolerance) is run through the circuit (`circuit.DecoderCircuit` on symbolic
+ciphertexts, the code the server runs, in the whole model: a block's output depth sets where the
+next one's refreshes fall), and the one with the fewest refreshes is kept, within
+`max_block_depth` when one is given. What a ring adds to the circuit (slots, normaliser
+resolution, value limit) moves levels too, so the CKKS side runs this with its own plan options
+(`hf_polyattn.ckks.ring_choice.fit_to_ring`); `to_polynomial` itself keeps the shallowest circuits.
 """
 
 import dataclasses
@@ -19,7 +21,7 @@ from transformers.utils.logging import tqdm
 
 from .circuit import CircuitPlan, circuit_depths, symbolic_run
 from .polynomial import AUTO_INIT_DEGREES, SWEEP_POINTS, Approximation, build_approximation
-from .polynomial_form import approximated_ops
+from .polynomial_form import approximated_ops, polynomial_enabled
 from .symbolic import CircuitTally
 
 ITERATIVE_KINDS = ("reciprocal", "inv_sqrt")
@@ -64,32 +66,50 @@ def _block_of(site: str) -> int | None:
 
 
 def choose_for_refreshes(model, levels_per_refresh: int, max_block_depth: int | None = None,
-                         progress: bool = False) -> dict[str, dict]:
-    """The specs of the "auto" reciprocal and inverse-square-root sites of `model` (in polynomial
-    form, domains set) that make the fewest refreshes on a ring with `levels_per_refresh` levels
-    between refreshes, block by block; a block's depth stays within `max_block_depth` where some
-    combination allows it (else the shallowest excess). The chosen approximations are installed.
+                         plan_options: dict | None = None, progress: bool = False) -> dict[str, dict]:
+    """Install, on `model` (in polynomial form, domains set), the reciprocal and inverse-square-root
+    approximations of its "auto" sites that make the fewest refreshes on a ring with
+    `levels_per_refresh` levels between refreshes, and return their specs.
+
+    Block by block, first to last (a block's output depth sets where the next one's refreshes
+    fall), then the final norm: every combination of the block's candidates (`site_candidates`,
+    and the installed one) is run through the whole model's circuit for two tokens
+    (`circuit.symbolic_run` on `CircuitPlan.from_model(model, **plan_options)`: give it the
+    options the server builds its plan with, e.g. its slots and normaliser resolution, since
+    they move levels), and the fewest refreshes win; ties keep the installed one, so the count
+    never grows. `max_block_depth`: a block's depth (from a fresh input) stays within it where
+    some combination allows it, else the least excess.
     """
+    if isinstance(levels_per_refresh, bool) or not isinstance(levels_per_refresh, int) or levels_per_refresh < 1:
+        raise ValueError(f"levels_per_refresh must be an integer >= 1, got {levels_per_refresh!r}")
+    if max_block_depth is not None and (isinstance(max_block_depth, bool) or not isinstance(max_block_depth, int)
+                                        or max_block_depth < 1):
+        raise ValueError(f"max_block_depth must be None or an integer >= 1, got {max_block_depth!r}")
+    ops = approximated_ops(getattr(model, "base_model", model))
+    if not polynomial_enabled(model.config) or any(op.approximation is None for op in ops.values()):
+        raise ValueError("the model is not in polynomial form; call to_polynomial() first")
     spec = model.config.polynomial
     options, tolerance = spec["options"], spec["tolerance"]
-    ops = approximated_ops(getattr(model, "base_model", model))
     groups: dict[int | None, dict[str, list[Approximation]]] = {}
     for name, op in ops.items():
         site = spec["sites"][name]
         if op.kind in ITERATIVE_KINDS and options[op.kind].get("init_degree") == "auto":
-            candidates = site_candidates({k: v for k, v in site.items() if k not in ("init_degree", "iterations")},
-                                         tolerance, levels_per_refresh)
-            if len(candidates) > 1:  # else the installed (shallowest) one stays
-                groups.setdefault(_block_of(name), {})[name] = candidates
+            domain_only = {k: v for k, v in site.items() if k not in ("init_degree", "iterations")}
+            candidates = [c for c in site_candidates(domain_only, tolerance, levels_per_refresh)
+                          if c.spec() != op.approximation.spec()]
+            if candidates:  # the installed one first: ties keep it
+                groups.setdefault(_block_of(name), {})[name] = [op.approximation, *candidates]
+    order = sorted(groups, key=lambda block: (block is None, block or 0))  # blocks in order, the head last
     chosen = {}
-    for block, sites in tqdm(groups.items(), desc="choosing approximations", disable=not progress, unit="block"):
+    for block in tqdm(order, desc="choosing approximations", disable=not progress, unit="block"):
+        sites = groups[block]
         best = None
         for combination in itertools.product(*sites.values()):
             for name, approximation in zip(sites, combination):
                 ops[name].install(approximation, name, ops[name].check_domain)
-            refreshes, depth = _block_cost(model, block, levels_per_refresh)
+            refreshes, depth = _cost(model, block, levels_per_refresh, plan_options or {})
             excess = 0 if max_block_depth is None or block is None else max(depth - max_block_depth, 0)
-            key = (excess, refreshes, depth)
+            key = (excess, refreshes)
             if best is None or key < best[0]:
                 best = (key, combination)
         for name, approximation in zip(sites, best[1]):
@@ -98,13 +118,12 @@ def choose_for_refreshes(model, levels_per_refresh: int, max_block_depth: int | 
     return chosen
 
 
-def _block_cost(model, block: int | None, levels_per_refresh: int) -> tuple[int, int]:
-    """Refreshes and depth of one block's circuit alone (`None`: the final norm and head)."""
-    plan = CircuitPlan.from_model(model)
+def _cost(model, block: int | None, levels_per_refresh: int, plan_options: dict) -> tuple[int, int]:
+    """The whole model's refreshes over `TOKENS` steps, and the depth of `block` (`None`: the head's)."""
+    plan = CircuitPlan.from_model(model, **plan_options)
+    refreshes = symbolic_run(plan, TOKENS, top_level=levels_per_refresh).refreshes
     blocks = () if block is None else (dataclasses.replace(plan.blocks[block], index=0),)
-    alone = dataclasses.replace(plan, blocks=blocks)
-    refreshes = symbolic_run(alone, TOKENS, top_level=levels_per_refresh, lm_head=False).refreshes
-    depths = circuit_depths(alone, lm_head=False)
+    depths = circuit_depths(dataclasses.replace(plan, blocks=blocks))
     return refreshes, depths["head_depth"] if block is None else depths["blocks"][0]["depth"]
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_polyattn.ckks import CKKSClient, CKKSParameters, CKKSServer, ClientRoundTrip
+from hf_polyattn.ckks import CKKSClient, CKKSParameters, CKKSServer, ClientRoundTrip, fit_to_ring
 from hf_polyattn.ckks.params import PRECISION_LIMIT
 from hf_polyattn.ckks.planner import circuit_depth
 from hf_polyattn.ckks.session import SecureSession
@@ -39,6 +39,15 @@ def test_one_layer_gqa_model_over_ciphertexts(client):
     server = check_against_plaintext(model, client, random_ids(1, 4, seed=11))
     assert server.profiler.refreshes > 0
     assert "refresh" in server.profiler.table() and "reciprocal" in server.profiler.table()
+
+
+def test_a_model_fitted_to_the_ring_over_ciphertexts(client):
+    # deeper, narrower approximations for the ring's refreshes: the same plaintext twin, planned exactly
+    model = polynomial_tiny(num_hidden_layers=1)
+    ids = random_ids(1, 4, seed=11)
+    shallowest = SecureSession(model, client=client).server.plan(ids.shape[1])["refreshes"]
+    server = check_against_plaintext(fit_to_ring(model, progress=False), client, ids)
+    assert server.profiler.refreshes < shallowest
 
 
 def test_a_packed_kv_cache_over_ciphertexts(client):
