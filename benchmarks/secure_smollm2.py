@@ -4,6 +4,7 @@
     python benchmarks/secure_smollm2.py --layers 2 --new-tokens 2     # a quick look (first 2 layers only)
     python benchmarks/secure_smollm2.py --attn-eps 0.1 --scale-bits 43  # a normaliser floor a ring can hold
     python benchmarks/secure_smollm2.py --kv-copies 1                  # the KV cache unpacked (one ciphertext per position)
+    python benchmarks/secure_smollm2.py --attn-eps 1.0 --fit-ring      # approximations re-chosen for the ring's refreshes
 
 Greedy generation from a fixed 16-token prompt, in plaintext polynomial form and over CKKS with
 the LM head on the client (a 576×49,152 product is past what one ciphertext's slots hold; the
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hf_polyattn.ckks import CKKSParameters, SecureSession
+from hf_polyattn.ckks import CKKSParameters, SecureSession, fit_to_ring
 from hf_polyattn.ckks.costs import measure_op_costs, predict_seconds
 from hf_polyattn.conversion.checkpoints import load_checkpoint
 from report import command_line, plot_secure_steps, write_results
@@ -82,6 +83,8 @@ def main(argv=None) -> None:
                         help="GiB of encoded weight diagonals the server keeps (default: half the available memory)")
     parser.add_argument("--attn-eps", type=float, default=None, help="raise the normaliser floor to this and recalibrate")
     parser.add_argument("--calibration-blocks", type=int, default=64, help="256-token blocks to recalibrate on (with --attn-eps)")
+    parser.add_argument("--fit-ring", action="store_true",
+                        help="re-choose the reciprocals and inverse square roots for the fewest refreshes on the ring (fit_to_ring)")
     parser.add_argument("--kv-copies", type=int, default=None,
                         help="cached positions per KV ciphertext (default: as many as fit; 1: one ciphertext per position)")
     parser.add_argument("--predict", type=int, nargs="*", default=[64, 128], help="positions whose step time is predicted")
@@ -96,6 +99,10 @@ def main(argv=None) -> None:
         truncate(model, args.layers)
     if args.attn_eps is not None:
         recalibrate(model, tokenizer, args.attn_eps, args.calibration_blocks)
+    params = CKKSParameters(poly_modulus_degree=args.ring, scale_bits=args.scale_bits,
+                            levels=CKKSParameters.max_levels(args.ring, scale_bits=args.scale_bits))
+    if args.fit_ring:
+        fit_to_ring(model, params, kv_copies=args.kv_copies)
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids[:, : args.prompt_tokens]
     if ids.shape[1] < args.prompt_tokens:
         parser.error(f"the fixed prompt has only {ids.shape[1]} tokens")
@@ -106,8 +113,6 @@ def main(argv=None) -> None:
         plain_seconds = time.perf_counter() - start
         plain_logits = model(plain[:, :-1]).logits[0].double().numpy()  # the logits each step's token came from
 
-    params = CKKSParameters(poly_modulus_degree=args.ring, scale_bits=args.scale_bits,
-                            levels=CKKSParameters.max_levels(args.ring, scale_bits=args.scale_bits))
     budget_bytes = None if args.encoding_budget_gib is None else int(args.encoding_budget_gib * 2**30)
     with SecureSession(model, params, lm_head="client", max_tokens=total, progress=True, encoding_budget=budget_bytes,
                        kv_copies=args.kv_copies) as session:
@@ -168,7 +173,9 @@ def main(argv=None) -> None:
         "# The polynomial SmolLM2-135M over CKKS, every layer encrypted\n\n"
         f"Command: `{command}` (TenSEAL {__import__('tenseal').__version__}, CPU, 2 cores). Model `{args.model}`"
         + (f", its attention normaliser floor raised from {shipped_eps:g} to {args.attn_eps:g} and its domains recalibrated on "
-           f"{args.calibration_blocks} blocks of 256 tokens. " if args.attn_eps is not None else ". ")
+           f"{args.calibration_blocks} blocks of 256 tokens" if args.attn_eps is not None else "")
+        + (", its reciprocals and inverse square roots re-chosen for the fewest refreshes on the ring (`fit_to_ring`). "
+           if args.fit_ring else ". ")
         + f"Sequence: {total} positions, the last one's token produced, not fed. "
         f"Ring N={params.poly_modulus_degree}, chain {list(params.coeff_mod_bit_sizes)} ({params.security}); in-process server, "
         "refreshes as masked round trips to the client; LM head on the client. Products: baby-step giant-step on raw SEAL "
