@@ -195,8 +195,9 @@ class Cipher:
         seal = self.engine.seal
         require_supported_product(matrix.rows, matrix.cols, seal.slots)
         a = self._fresh_enough()
-        # packed out: a copy mask, a product (or RoPE) writing some slots only, a block sum of packed values
-        packed = matrix.output_slots is not None
+        # packed out: a copy mask, a product (or RoPE) writing some slots only or products taking turns
+        # copy by copy, a block sum of packed values
+        packed = matrix.packs
         with self.engine.profiler.op("pt×ct matmul"):
             if isinstance(matrix, BlockSumMatrix):
                 vector, packed = matmul.block_sum(seal, a.vector, matrix), self.packed
@@ -210,6 +211,11 @@ class Cipher:
                 vector = matmul.matmul(seal, a.vector, matrix, self.engine.encoding_budget)
         self.engine.levels_consumed += 1
         return Cipher(vector, self.engine, packed)
+
+    def rotate(self, step: int) -> "Cipher":
+        """Rotated by `step` slots (slot `j` takes slot `j + step`): no level, the same size and packing."""
+        with self.engine.profiler.op("rotation"):
+            return Cipher(matmul.rotate(self.engine.seal, self.vector, step), self.engine, self.packed)
 
     def rotate_sum(self, stride: int, count: int) -> "Cipher":
         """`Σ_{i<count} rot(self, i·stride)` over the slots: no level (the packed KV cache's sum of

@@ -130,14 +130,24 @@ class PlaintextMatrix:
     `output_slots`: a 0/1 mask over the slots; the product writes those slots only (every other
     slot is 0), at no cost: each diagonal is masked before it is encoded (the packed KV cache
     puts a position's key in one copy so).
+    `copy_columns`: `(copies, cols)` to lay out `matrix` (`rows × copies·cols`) as `copies` products
+    of `cols` columns taking turns copy by copy: slot `j` computes column `j mod cols` of product
+    `(j // cols) mod copies`, at the cost of one product (the same `rows` diagonals). The output is
+    packed (its copies hold different values). E.g. the key in even copies and the value in odd.
     """
 
-    def __init__(self, matrix, reusable: bool = True, output_slots: np.ndarray | None = None):
+    def __init__(self, matrix, reusable: bool = True, output_slots: np.ndarray | None = None,
+                 copy_columns: tuple[int, int] | None = None):
         self.reusable = reusable
         self.matrix = np.asarray(matrix, dtype=np.float64)
         if self.matrix.ndim != 2:
             raise ValueError(f"a plaintext matrix must be 2-D, got shape {self.matrix.shape}")
         self.rows, self.cols = self.matrix.shape
+        self.copy_columns = copy_columns
+        if copy_columns is not None:
+            copies, self.cols = copy_columns
+            if copies * self.cols != self.matrix.shape[1]:
+                raise ValueError(f"{copies} products of {self.cols} columns need {copies * self.cols}, got {self.matrix.shape[1]}")
         self.output_slots = output_slots
         self._encoded: dict[tuple, dict] = {}
         self._budget: EncodingBudget | None = None  # where its kept diagonals are counted
@@ -151,6 +161,19 @@ class PlaintextMatrix:
         """What prices its product (`costs.OpCosts.matmul`): the shape."""
         return self.shape
 
+    @property
+    def packs(self) -> bool:
+        """Whether its output's copies hold different values (a refresh must carry every slot)."""
+        return self.output_slots is not None or self.copy_columns is not None
+
+    def slot_columns(self, slots: int) -> np.ndarray:
+        """The column of `matrix` each output slot computes."""
+        j = np.arange(slots)
+        if self.copy_columns is None:
+            return j % self.cols
+        copies, cols = self.copy_columns
+        return j % cols + cols * (j // cols % copies)
+
     def plaintexts(self, backend: SealBackend, parms_id, budget: EncodingBudget | None = None) -> dict:
         """`{(g, b): diagonal g·n1 + b, pre-rotated by g·n1}` encoded at `parms_id`'s level; kept
         for the next product while `budget` allows (always, without one)."""
@@ -159,11 +182,11 @@ class PlaintextMatrix:
             return self._encoded[key]
         slots = backend.slots
         n1, _ = bsgs_split(self.rows)
-        j = np.arange(slots)
+        j, columns = np.arange(slots), self.slot_columns(slots)
         encoded = {}
         for k in range(self.rows):
             g, b = divmod(k, n1)
-            diagonal = self.matrix[(j + k) % self.rows, j % self.cols]
+            diagonal = self.matrix[(j + k) % self.rows, columns]
             if self.output_slots is not None:
                 diagonal = diagonal * self.output_slots
             if diagonal.any():  # a zero diagonal adds nothing (and SEAL refuses its product)
@@ -256,6 +279,11 @@ def _window_sum(backend: SealBackend, ct: sealapi.Ciphertext, length: int, direc
     return result
 
 
+def rotate(backend: SealBackend, vector: ts.CKKSVector, step: int) -> ts.CKKSVector:
+    """`vector` rotated by `step` slots (slot `j` takes slot `j + step`), no level."""
+    return backend.to_vector(backend.rotate(vector.ciphertext()[0], step), vector.size())
+
+
 def rotate_sum(backend: SealBackend, vector: ts.CKKSVector, stride: int, count: int) -> ts.CKKSVector:
     """`Σ_{i<count} rot(vector, i·stride)`, no level: the packed KV cache's sum over its copies."""
     ct = vector.ciphertext()[0]
@@ -341,7 +369,7 @@ class CopyMask(PlaintextMatrix):
     def __init__(self, width: int, slots: int, copy: int):
         if not 0 <= copy < slots // width:
             raise ValueError(f"{slots} slots hold {slots // width} whole copies of {width} values, not copy {copy}")
-        self.reusable, self.matrix, self.output_slots = True, None, None
+        self.reusable, self.matrix, self.output_slots, self.copy_columns = True, None, None, None
         self.rows = self.cols = width
         self.slots, self.copy = slots, copy
         self._masks: dict[tuple, sealapi.Plaintext] = {}
@@ -370,7 +398,7 @@ class CopySpread(PlaintextMatrix):
     def __init__(self, width: int, slots: int):
         if slots // width < 1:
             raise ValueError(f"a width of {width} does not fit in {slots} slots")
-        self.reusable, self.matrix, self.output_slots = True, None, None
+        self.reusable, self.matrix, self.output_slots, self.copy_columns = True, None, None, None
         self.rows = self.cols = width
         self.slots = slots
         self._masks: dict[tuple, tuple] = {}

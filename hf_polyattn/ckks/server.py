@@ -61,13 +61,17 @@ class LayerMatrices:
         self.fixed = {
             # RoPE is the position's own product after these (`ServerMatrices.rope`), so these are encoded once
             "query": PlaintextMatrix(gamma1 * _weight(attention.q_proj) * self.score_factor),
-            "key": PlaintextMatrix((gamma1 * _weight(attention.k_proj)) @ self.expand_kv),
-            "value": PlaintextMatrix((gamma1 * _weight(attention.v_proj)) @ self.expand_kv),
             "out": PlaintextMatrix(_weight(attention.o_proj) * scale),
             "gate": PlaintextMatrix(activation_scale * gamma2 * _weight(layer.mlp.gate_proj)),
             "up": PlaintextMatrix(gamma2 * _weight(layer.mlp.up_proj)),
             "down": PlaintextMatrix(_weight(layer.mlp.down_proj) * scale),
         }
+        key = (gamma1 * _weight(attention.k_proj)) @ self.expand_kv
+        value = (gamma1 * _weight(attention.v_proj)) @ self.expand_kv
+        if plan.fuses_key_value:  # one product: the key in the even copies, the value in the odd
+            self.fixed["key_value"] = PlaintextMatrix(np.concatenate([key, value], axis=1), copy_columns=(2, plan.width))
+        else:
+            self.fixed["key"], self.fixed["value"] = PlaintextMatrix(key), PlaintextMatrix(value)
         self.gain = block.attention.gain
         if not plan.mean_form:  # the sum form's head sums do not depend on the position
             self.fixed["score_sum"] = self._score_sum(self.gain)

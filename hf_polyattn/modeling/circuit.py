@@ -35,8 +35,10 @@ The KV cache is packed (`CircuitPlan.kv_copies`, `kv_copies_for`): a vector of t
 width `w` is laid out as `c` copies (`slots // w` where every product's size divides the slots;
 else as many as end before the projections read past the cut copy, their input refreshed first),
 so `c` cached positions share one ciphertext, position
-`t` in copy `t mod c` (the key product's output masked to that copy, free; the value masked by a
-product off the critical path). One `q ⊙ k`, head sum and power then serve `c` keys at once; the
+`t` in copy `t mod c`. The key and the value come from one product whose copies take turns (the
+key in the even copies, the value in the odd: one product's diagonals, where two would take twice
+as many), and one rotation moves the one of them that is not in the position's copy there; RoPE's
+output is masked to that copy (free), the value by a product off the critical path. One `q ⊙ k`, head sum and power then serve `c` keys at once; the
 normaliser and the weighted values are summed over the copies by rotations (no level) and, where
 the copies do not fill the slots exactly, the sum (right in copy 0) is masked and spread back over
 every copy (one level).
@@ -172,6 +174,13 @@ class CircuitPlan:
         """Whether the packed copies fill the slots exactly: their rotation sum is then right in every
         copy, with no spread."""
         return self.slots is not None and self.kv_copies * self.width == self.slots
+
+    @property
+    def fuses_key_value(self) -> bool:
+        """Whether the key and the value come from one product (packed, with no key norm between the
+        projection and RoPE): the key in the even copies, the value in the odd ones, and each
+        position's pair moved into its copy by one rotation (`DecoderCircuit.attention`)."""
+        return self.kv_copies > 1 and not any(block.key_norm is not None for block in self.blocks)
 
     @property
     def replicates_projection_input(self) -> bool:
@@ -355,7 +364,7 @@ class ShapeMatrices:
         p = self.plan
         d, w, inner = p.hidden_size, p.width, p.intermediate_size
         shapes = {
-            "query": (d, w), "key": (d, w), "value": (d, w), "score_sum": (w, w), "out": (w, d),
+            "query": (d, w), "key": (d, w), "value": (d, w), "key_value": (d, w), "score_sum": (w, w), "out": (w, d),
             "gate": (d, inner), "up": (d, inner), "down": (inner, d),
             "head": (d, p.vocab_size),
         }
@@ -438,6 +447,16 @@ class DecoderCircuit:
             self.values[index][-1] = self.values[index][-1] + value
         self.cached[index] += 1
 
+    def _key_value(self, both, position: int):
+        """The key and the value of `position` from the fused product (key in the even copies, value
+        in the odd), one of them moved by a copy into the position's own copy `c`, from a copy the
+        projections get right: the value from copy 1 into copy 0, else from `c - 1` into `c`."""
+        copy, width = position % self.plan.kv_copies, self.plan.width
+        with self.profiler.step("kv packing"):
+            if copy % 2:
+                return both.rotate(-width), both
+            return both, both.rotate(width if copy == 0 else -width)
+
     def _sum_copies(self, x):
         """The sum of a packed vector's copies, in every copy: rotations, then (when the copies do
         not fill the slots, so only copy 0 holds the whole sum) that copy masked and spread."""
@@ -469,8 +488,12 @@ class DecoderCircuit:
                 y = y.replicated()
         with self.profiler.step("pt×ct matmul"):
             query = y.matmul(self._matrix("query", index))
-            key = y.matmul(self._matrix("key", index))
-            value = y.matmul(self._matrix("value", index))
+            if p.fuses_key_value:
+                both = y.matmul(self._matrix("key_value", index))
+            else:
+                key, value = y.matmul(self._matrix("key", index)), y.matmul(self._matrix("value", index))
+        if p.fuses_key_value:
+            key, value = self._key_value(both, position)
         if block.query_norm is not None:  # normalised per head before RoPE (Gemma 3, Qwen 3)
             query, key = self.norm(query, block.query_norm), self.norm(key, block.key_norm)
         with self.profiler.step("rope"):  # the position's own: packed, the key's writes its copy only

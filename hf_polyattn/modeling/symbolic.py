@@ -115,6 +115,11 @@ class SymbolicCipher:
         self.tally.matmuls[getattr(matrix, "cost_key", (rows, cols))] += 1
         return SymbolicCipher(cols, a.depth + 1, self.tally)
 
+    def rotate(self, step: int) -> "SymbolicCipher":
+        """Rotated by `step` slots: no level, one rotation."""
+        self.tally.ops["rotation"] += 1
+        return SymbolicCipher(self.size, self.depth, self.tally)
+
     def rotate_sum(self, stride: int, count: int) -> "SymbolicCipher":
         """`Σ_{i<count} rot(self, i·stride)`: no level; counted as its rotations (each with the
         addition that follows it, which the measured cost of a rotation includes)."""

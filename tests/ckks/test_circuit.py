@@ -53,7 +53,8 @@ class SlotVector(PlainVector):
     numpy: the reference for the packed KV cache's layout. A weight product computes TenSEAL's
     diagonals over the cyclic slots (`y[j] = Σ_k W[(j+k) mod rows, j mod cols]·x[j+k]`, so where
     the rows do not divide the slots its last outputs read past the cut copy, as on the server),
-    masked to the matrix's `output_slots`; RoPE reads each slot and its pair half a head away;
+    masked to the matrix's `output_slots` (its columns taking turns copy by copy where it fuses
+    products, `slot_columns`); RoPE reads each slot and its pair half a head away;
     block sums are window sums, a mask and a spread; rotations are `np.roll`; `replicated` repeats the first `size` values (a refresh). Nothing
     else is refreshed: no slot is put right again that the server would not put right."""
 
@@ -82,8 +83,12 @@ class SlotVector(PlainVector):
             pair = np.where(local % matrix.head_dim < half, local + half, local - half)
             y = matrix.matrix[local, local] * x + matrix.matrix[pair, local] * np.where(local % matrix.head_dim < half, np.roll(x, -half), np.roll(x, half))
             return self._like(y if matrix.output_slots is None else y * matrix.output_slots)
-        y = sum(matrix.matrix[(j + k) % matrix.rows, j % matrix.cols] * np.roll(x, -k) for k in range(matrix.rows))
+        columns = matrix.slot_columns(slots)  # j mod cols; for products taking turns copy by copy, theirs
+        y = sum(matrix.matrix[(j + k) % matrix.rows, columns] * np.roll(x, -k) for k in range(matrix.rows))
         return self._like(y if matrix.output_slots is None else y * matrix.output_slots, matrix.cols)
+
+    def rotate(self, step: int):
+        return self._like(np.roll(self.values, -step))
 
     def rotate_sum(self, stride: int, count: int):
         return self._like(sum(np.roll(self.values, -i * stride) for i in range(count)))
@@ -222,6 +227,21 @@ def test_packing_costs_a_level_only_where_the_copies_do_not_fill_the_slots():
         assert products[1] - products[copies] == 4 * 2 * saved
     with pytest.raises(ValueError, match="kv_copies must be in"):
         CircuitPlan.from_model(model, slots=4096, kv_copies=129)
+
+
+def test_a_packed_cache_takes_the_key_and_the_value_from_one_product():
+    model = polynomial_tiny(num_hidden_layers=2)
+    d = model.config.hidden_size
+    projections = {}
+    for copies in (1, 3):
+        plan = CircuitPlan.from_model(model, slots=4096, kv_copies=copies)
+        assert plan.fuses_key_value == (copies > 1)
+        tally = symbolic_run(plan, 4)
+        projections[copies] = (tally.matmuls[(d, plan.width)], tally.ops.get("rotation", 0))
+    # query, key and value (and the output, d = width here) per layer and step unpacked; packed, the
+    # key and the value from one product, and one rotation moving one of them into its copy
+    assert projections[1][0] - projections[3][0] == 2 * 4
+    assert projections[3][1] > 0 and projections[1][1] == 0
 
 
 class TrackedVector(PlainVector):

@@ -411,6 +411,29 @@ def test_the_packed_kv_cache_primitives_match_numpy_in_every_slot(client, engine
         CopyMask(width, slots, copies)
 
 
+# SmolLM2's 576×576 scaled down by 8 (not dividing the slots), and a width that divides them
+@pytest.mark.parametrize("rows, width", [(72, 72), (64, 64)])
+def test_two_products_taking_turns_copy_by_copy_cost_one_and_rotate_into_place(client, engine, rows, width):
+    slots = client.params.slots
+    generator = np.random.default_rng(rows)
+    values = generator.uniform(-1, 1, rows)
+    key, value = generator.uniform(-1, 1, (rows, width)) / 8, generator.uniform(-1, 1, (rows, width)) / 8
+    x = engine.load(client.encrypt(values))
+    fused = PlaintextMatrix(np.concatenate([key, value], axis=1), copy_columns=(2, width))
+    both = x.matmul(fused)
+    assert both.packed and both.size == width and both.level == x.level - 1
+    assert len(fused.plaintexts(engine.seal, both.vector.ciphertext()[0].parms_id())) <= rows  # one product's diagonals
+    copies = (slots - rows + 1) // width  # the copies whose every input slot is right
+    expected = np.stack([values @ key, values @ value])[np.arange(copies) % 2].ravel()
+    assert np.abs(all_slots(client, engine, both)[: copies * width] - expected).max() < 1e-5
+    # one rotation puts the value over its key's copy, no level
+    moved = both.rotate(width)
+    assert moved.packed and moved.level == both.level
+    assert np.abs(all_slots(client, engine, moved)[:width] - values @ value).max() < 1e-5
+    with pytest.raises(ValueError, match=f"2 products of {width} columns need {2 * width}, got {width}"):
+        PlaintextMatrix(key, copy_columns=(2, width))
+
+
 # SmolLM2's heads (rotations by 32: one Galois key) and 4 heads of 12 (by 6: two keys, 48 not dividing the slots)
 @pytest.mark.parametrize("heads, head_dim", [(9, 64), (4, 12)])
 def test_rope_by_rotations_matches_the_dense_rope_product_in_every_slot_it_reads_right(client, engine, heads, head_dim):
