@@ -49,7 +49,11 @@ def test_encrypted_kv_cache_makes_each_token_one_incremental_step(client, kv_cop
         rows.append(session.logits(ids[0, position : position + 1]))
         matmuls.append(session.profiler.op_counts["pt×ct matmul"] - before)
     layers = model.config.num_hidden_layers
-    projections = 9 * layers + 1  # q, k, v, o, gate, up, down, RoPE of q and of k per layer, and the LM head
+    fused = session.server.circuit_plan.fuses_key_value
+    assert fused == (copies > 1)
+    # q, k and v (k and v one product when the cache is packed), o, gate, up, down, RoPE of q and
+    # of k per layer, and the LM head
+    projections = (9 - fused) * layers + 1
     norms = 2 * layers + 1  # each norm: one sum of squares that leaves the mean in every slot
     # token t projects only itself (tokens < t come from the encrypted cache) and touches each
     # ciphertext of cached keys once (one head sum of q⊙k, spread over the head's slots): no
