@@ -35,7 +35,7 @@ def plot_secure_steps(steps: list[float], prompt_len: int, latency, path: Path, 
         left.legend()
     left.set_xlabel("position T (gray: prompt, blue: generated)")
     left.set_ylabel("seconds per encrypted step")
-    left.set_title("time per token grows with the encrypted KV cache")
+    left.set_title("seconds per token as the encrypted KV cache grows")
     kinds = sorted(latency.seconds, key=latency.seconds.get)
     right.barh(kinds, [latency.seconds[k] for k in kinds], color="tab:orange")
     right.set_xlabel("seconds (whole generation)")

@@ -34,14 +34,14 @@ slot-wise plaintexts), so the projections' diagonals are encoded once, not again
 The KV cache is packed (`CircuitPlan.kv_copies`, `kv_copies_for`): a vector of the attention's
 width `w` is laid out as `c` copies (`slots // w` where every product's size divides the slots;
 else as many as end before the projections read past the cut copy, their input refreshed first),
-so `c` cached positions share one ciphertext, position
-`t` in copy `t mod c`. The key and the value come from one product whose copies take turns (the
-key in the even copies, the value in the odd: one product's diagonals, where two would take twice
-as many), and one rotation moves the one of them that is not in the position's copy there; RoPE's
-output is masked to that copy (free), the value by a product off the critical path. One `q ⊙ k`, head sum and power then serve `c` keys at once; the
-normaliser and the weighted values are summed over the copies by rotations (no level) and, where
-the copies do not fill the slots exactly, the sum (right in copy 0) is masked and spread back over
-every copy (one level).
+so `c` cached positions share one ciphertext, position `t` in copy `t mod c`. The key and the
+value come from one product whose copies take turns (the key in the even copies, the value in the
+odd: one product's diagonals, where two would take twice as many), and one rotation moves the one
+of them that is not in the position's copy there; RoPE's output is masked to that copy (free), the
+value by a product off the critical path. One `q ⊙ k`, head sum and power then serve `c` keys at
+once; the normaliser and the weighted values are summed over the copies by rotations (no level)
+and, where the copies do not fill the slots exactly, the sum (right in copy 0) is masked and spread
+back over every copy (one level).
 """
 
 import contextlib
