@@ -34,15 +34,12 @@ class RecordingRoundTrip(ClientRoundTrip):
         self.largest: dict[str, float] = defaultdict(float)
         self.count: dict[str, int] = defaultdict(int)
 
-    def __call__(self, vector, profiler, all_slots=False):
-        seen = vector
-        if all_slots:  # a packed ciphertext: every slot is a value the client sees
-            backend = self._backend(vector.context())
-            seen = backend.to_vector(vector.ciphertext()[0], backend.slots)
-        values = self.client.decrypt(self.client.key_id + seen.serialize(), bound=np.inf)
+    def __call__(self, backend, ct, size, profiler, all_slots=False):
+        seen = backend.slots if all_slots else size  # a packed ciphertext: every slot is a value the client sees
+        values = self.client.decrypt(self.client.key_id + backend.serialize(ct, seen), bound=np.inf)
         self.largest[profiler.site] = max(self.largest[profiler.site], float(np.abs(values).max()))
         self.count[profiler.site] += 1
-        return super().__call__(vector, profiler, all_slots)
+        return super().__call__(backend, ct, size, profiler, all_slots)
 
 
 def main(argv=None) -> None:

@@ -7,6 +7,7 @@ alone, so they run on `Cipher`s unchanged: the server evaluates exactly the plai
 from numbers import Real
 
 import tenseal as ts
+import tenseal.sealapi as sealapi
 
 from . import matmul
 from .client import key_id, load_vector
@@ -46,24 +47,15 @@ class CipherEngine:
         self.key_id = key_id(public_context)
         self.refresher = refresher
         self.profiler = profiler or LatencyProfiler()
-        self._context_data = context.seal_context().data
-        self.top_level = self._context_data.first_context_data().chain_index()
+        self.top_level = context.seal_context().data.first_context_data().chain_index()
         self.levels_consumed = 0  # every level any ciphertext used up (what the planner predicts)
         self.seal = SealBackend(context)
         self.encoding_budget = encoding_budget or EncodingBudget()
 
-    def level(self, vector: ts.CKKSVector) -> int:
-        """Multiplications `vector` can still take."""
-        return self._context_data.get_context_data(vector.ciphertext()[0].parms_id()).chain_index()
-
-    def detached(self, vector: ts.CKKSVector) -> ts.CKKSVector:
-        """An independent copy of `vector`."""
-        return ts.ckks_vector_from(self.context, vector.serialize())
-
     def load(self, ciphertext: bytes) -> "Cipher":
         with self.profiler.op("serialization"):
             vector = load_vector(self.context, ciphertext, self.key_id)
-        return Cipher(vector, self)
+        return Cipher(vector.ciphertext()[0], vector.size(), self)
 
     def refresh(self, cipher: "Cipher") -> "Cipher":
         if self.refresher is None:
@@ -71,11 +63,13 @@ class CipherEngine:
                 "a multiplication needs one more level than the ciphertext has and refreshing is disabled: "
                 "use a larger ring (more levels) or enable refreshes"
             )
-        return Cipher(self.refresher(cipher.vector, self.profiler, all_slots=cipher.packed), self, cipher.packed)
+        fresh = self.refresher(self.seal, cipher.ct, cipher.size, self.profiler, all_slots=cipher.packed)
+        return Cipher(fresh, cipher.size, self, cipher.packed)
 
 
 class Cipher:
-    """An encrypted vector. Operands: other `Cipher`s of the same size, or Python numbers.
+    """An encrypted vector of `size` values in TenSEAL's layout (repeated over the slots), held as
+    a SEAL ciphertext. Operands: other `Cipher`s of the same size, or Python numbers.
 
     Plain lists and arrays are refused: TenSEAL zero-pads them across the slots (issue #462)
     and a later matmul is silently wrong; fold them into a matmul or encrypt them.
@@ -83,23 +77,27 @@ class Cipher:
     `packed`: its slots hold different values (the packed KV cache: a position per copy), not
     `size` values repeated; a refresh then carries every slot, where it otherwise re-encrypts
     the first `size` values repeated (which also drops what the other slots held).
+
+    A `Cipher` never changes: every operation makes a new ciphertext.
     """
 
-    __slots__ = ("vector", "engine", "packed", "_refreshed")
+    __slots__ = ("ct", "size", "engine", "packed", "_refreshed")
 
-    def __init__(self, vector: ts.CKKSVector, engine: CipherEngine, packed: bool = False):
-        self.vector = vector
+    def __init__(self, ct: sealapi.Ciphertext, size: int, engine: CipherEngine, packed: bool = False):
+        self.ct = ct
+        self.size = size
         self.engine = engine
         self.packed = packed
         self._refreshed: Cipher | None = None
 
     @property
-    def size(self) -> int:
-        return self.vector.size()
+    def level(self) -> int:
+        return self.engine.seal.level(self.ct)
 
     @property
-    def level(self) -> int:
-        return self.engine.level(self.vector)
+    def vector(self) -> ts.CKKSVector:
+        """A TenSEAL vector of the same values (a copy, through TenSEAL's serialized form)."""
+        return self.engine.seal.to_vector(self.ct, self.size)
 
     def _fresh_enough(self) -> "Cipher":
         """Itself while it has a level left; else its refreshed copy, made once and reused (a value
@@ -125,44 +123,31 @@ class Cipher:
     def _multiply(self, other) -> "Cipher":
         self._check(other)
         a = self._fresh_enough()
-        profiler = self.engine.profiler
+        seal, profiler = self.engine.seal, self.engine.profiler
         if isinstance(other, Cipher):
             b = other._fresh_enough()
-            # TenSEAL matches levels by mod-switching the right operand *in place* when it is the
-            # higher one (its left operand is copied first): a cached key or a reused query would
-            # lose levels and be refreshed more often than planned. So the higher one goes left.
-            high, low = (a, b) if a.level >= b.level else (b, a)
             with profiler.op("ct×ct mult"):
-                vector = high.vector * low.vector
-            return self._made(vector, other.packed)
-        if other != 0 and abs(other) * self.engine.context.global_scale < 1:
+                ct = seal.multiply(a.ct, b.ct)
+            return self._made(ct, other.packed)
+        if abs(other) * self.engine.context.global_scale < 1:
             raise ValueError(f"the constant {other!r} encodes to zero at this scale; drop the term")
         with profiler.op("ct×pt mult"):
-            vector = a.vector * float(other)
-        return self._made(vector)
+            ct = seal.multiply_scalar(a.ct, float(other))
+        return self._made(ct)
 
-    def _made(self, vector: ts.CKKSVector, other_packed: bool = False, level: bool = True) -> "Cipher":
+    def _made(self, ct: sealapi.Ciphertext, other_packed: bool = False, level: bool = True) -> "Cipher":
         """The result of a product (a level) or an addition (`level=False`): packed if an operand is."""
         if level:
             self.engine.levels_consumed += 1
-        return Cipher(vector, self.engine, self.packed or other_packed)
+        return Cipher(ct, self.size, self.engine, self.packed or other_packed)
 
     def _add(self, other, sign: float = 1.0) -> "Cipher":
         self._check(other)
+        seal = self.engine.seal
         with self.engine.profiler.op("add"):
             if isinstance(other, Cipher):
-                # TenSEAL matches levels by mod-switching the higher operand *in place*, which
-                # would cost a value used again later its levels: give it a copy (through bytes:
-                # ~1 ms, where CKKSVector.copy() also copies the context, ~160 ms).
-                mine, theirs = self.vector, other.vector
-                if self.level > other.level:
-                    mine = self.engine.detached(mine)
-                elif other.level > self.level:
-                    theirs = self.engine.detached(theirs)
-                vector = mine + theirs if sign > 0 else mine - theirs
-                return self._made(vector, other.packed, level=False)
-            vector = self.vector + float(sign * other)
-        return self._made(vector, level=False)
+                return self._made(seal.add(self.ct, other.ct, subtract=sign < 0), other.packed, level=False)
+            return self._made(seal.add_scalar(self.ct, float(sign * other)), level=False)
 
     def __mul__(self, other):
         return self._multiply(other)
@@ -182,7 +167,7 @@ class Cipher:
 
     def __neg__(self):
         with self.engine.profiler.op("add"):
-            return self._made(-self.vector, level=False)
+            return self._made(self.engine.seal.negate(self.ct), level=False)
 
     def matmul(self, matrix: "PlaintextMatrix | list[list[float]]") -> "Cipher":
         """`self @ matrix` for a plaintext `(size × n)` matrix: baby-step giant-step on raw SEAL (see
@@ -200,22 +185,22 @@ class Cipher:
         packed = matrix.packs
         with self.engine.profiler.op("pt×ct matmul"):
             if isinstance(matrix, BlockSumMatrix):
-                vector, packed = matmul.block_sum(seal, a.vector, matrix), self.packed
+                ct, packed = matmul.block_sum(seal, a.ct, matrix), self.packed
             elif isinstance(matrix, CopyMask):
-                vector, packed = matmul.copy_mask(seal, a.vector, matrix), True
+                ct, packed = matmul.copy_mask(seal, a.ct, matrix), True
             elif isinstance(matrix, CopySpread):
-                vector = matmul.copy_spread(seal, a.vector, matrix)
+                ct = matmul.copy_spread(seal, a.ct, matrix)
             elif isinstance(matrix, RotaryMatrix):
-                vector = matmul.rotary(seal, a.vector, matrix)
+                ct = matmul.rotary(seal, a.ct, matrix)
             else:
-                vector = matmul.matmul(seal, a.vector, matrix, self.engine.encoding_budget)
+                ct = matmul.matmul(seal, a.ct, matrix, self.engine.encoding_budget)
         self.engine.levels_consumed += 1
-        return Cipher(vector, self.engine, packed)
+        return Cipher(ct, matrix.cols, self.engine, packed)
 
     def rotate(self, step: int) -> "Cipher":
         """Rotated by `step` slots (slot `j` takes slot `j + step`): no level, the same size and packing."""
         with self.engine.profiler.op("rotation"):
-            return Cipher(matmul.rotate(self.engine.seal, self.vector, step), self.engine, self.packed)
+            return Cipher(self.engine.seal.rotate(self.ct, step), self.size, self.engine, self.packed)
 
     def rotate_sum(self, stride: int, count: int) -> "Cipher":
         """`Σ_{i<count} rot(self, i·stride)` over the slots: no level (the packed KV cache's sum of
@@ -223,7 +208,7 @@ class Cipher:
         it is not packed: a refresh repeats those, and drops what wrapped into the other copies
         (partial sums that could pass the refresh's bound)."""
         with self.engine.profiler.op("rotation"):
-            return Cipher(matmul.rotate_sum(self.engine.seal, self.vector, stride, count), self.engine)
+            return Cipher(matmul.rotate_sum(self.engine.seal, self.ct, stride, count), self.size, self.engine)
 
     def replicated(self) -> "Cipher":
         """Refreshed now, whatever its level (taken to the last level first, as a refresh is): the
@@ -232,10 +217,9 @@ class Cipher:
         copy of its input; the packed KV cache's projections need every copy right."""
         if self.packed:
             raise ValueError("a packed ciphertext holds a value per copy: it is refreshed over all slots, not replicated")
-        seal = self.engine.seal
-        lowest = Cipher(seal.to_vector(seal.at_last_level(self.vector.ciphertext()[0]), self.size), self.engine)
+        lowest = Cipher(self.engine.seal.at_last_level(self.ct), self.size, self.engine)
         return self.engine.refresh(lowest)
 
     def serialize(self) -> bytes:
         with self.engine.profiler.op("serialization"):
-            return self.engine.key_id + self.vector.serialize()
+            return self.engine.key_id + self.engine.seal.serialize(self.ct, self.size)

@@ -23,7 +23,6 @@ import weakref
 from typing import NamedTuple
 
 import numpy as np
-import tenseal as ts
 import tenseal.sealapi as sealapi
 
 from .seal_backend import SealBackend
@@ -244,17 +243,15 @@ class BlockSumMatrix(PlaintextMatrix):
         return self._masks[key]
 
 
-def block_sum(backend: SealBackend, vector: ts.CKKSVector, matrix: BlockSumMatrix) -> ts.CKKSVector:
+def block_sum(backend: SealBackend, ct: sealapi.Ciphertext, matrix: BlockSumMatrix) -> sealapi.Ciphertext:
     """`vector @ matrix` for a block-sum matrix, one level: window sums `Σ_{i<block} x[j+i]` by
     rotations (at each block's first slot that is the block's sum), masked to those slots (times
     `factor`), then spread back over each block by the same sums rotating the other way. With one
     block every slot's window is the whole sum: the mask is `factor` everywhere and there is
     nothing to spread. It reads the same slots a product reads (`j + i`, `i < rows`), so it is
     right wherever the baby-step giant-step product is (`require_supported_product`)."""
-    ct = vector.ciphertext()[0]
     masked = _masked(backend, _window_sum(backend, ct, matrix.block, 1), matrix.mask(backend, ct.parms_id()))
-    spread = masked if matrix.block == matrix.rows else _window_sum(backend, masked, matrix.block, -1)
-    return backend.to_vector(spread, matrix.cols)
+    return masked if matrix.block == matrix.rows else _window_sum(backend, masked, matrix.block, -1)
 
 
 def _window_sum(backend: SealBackend, ct: sealapi.Ciphertext, length: int, direction: int) -> sealapi.Ciphertext:
@@ -279,17 +276,9 @@ def _window_sum(backend: SealBackend, ct: sealapi.Ciphertext, length: int, direc
     return result
 
 
-def rotate(backend: SealBackend, vector: ts.CKKSVector, step: int) -> ts.CKKSVector:
-    """`vector` rotated by `step` slots (slot `j` takes slot `j + step`), no level."""
-    return backend.to_vector(backend.rotate(vector.ciphertext()[0], step), vector.size())
-
-
-def rotate_sum(backend: SealBackend, vector: ts.CKKSVector, stride: int, count: int) -> ts.CKKSVector:
-    """`Σ_{i<count} rot(vector, i·stride)`, no level: the packed KV cache's sum over its copies."""
-    ct = vector.ciphertext()[0]
-    if count == 1:
-        return vector
-    return backend.to_vector(_window_sum(backend, ct, count, stride), vector.size())
+def rotate_sum(backend: SealBackend, ct: sealapi.Ciphertext, stride: int, count: int) -> sealapi.Ciphertext:
+    """`Σ_{i<count} rot(ct, i·stride)`, no level: the packed KV cache's sum over its copies."""
+    return _window_sum(backend, ct, count, stride)
 
 
 def rope_matrix(cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -346,14 +335,13 @@ class RotaryMatrix(PlaintextMatrix):
         return self._masks[key]
 
 
-def rotary(backend: SealBackend, vector: ts.CKKSVector, matrix: RotaryMatrix) -> ts.CKKSVector:
-    """`vector @ matrix` for RoPE: `Σ rot(x, step) ⊙ mask`, rescaled (one level, two rotations)."""
-    ct = vector.ciphertext()[0]
+def rotary(backend: SealBackend, ct: sealapi.Ciphertext, matrix: RotaryMatrix) -> sealapi.Ciphertext:
+    """`ct @ matrix` for RoPE: `Σ rot(x, step) ⊙ mask`, rescaled (one level, two rotations)."""
     total = backend.multiply_sum((ct if step == 0 else backend.rotate(ct, step), plain)
                                  for step, plain in matrix.masks(backend, ct.parms_id()))
     backend.evaluator.rescale_to_next_inplace(total)
     total.scale = backend.scale
-    return backend.to_vector(total, matrix.cols)
+    return total
 
 
 def copy_slots(width: int, slots: int, copy: int) -> np.ndarray:
@@ -436,23 +424,21 @@ def _masked(backend: SealBackend, ct: sealapi.Ciphertext, mask: sealapi.Plaintex
     return product
 
 
-def copy_mask(backend: SealBackend, vector: ts.CKKSVector, matrix: CopyMask) -> ts.CKKSVector:
-    """`vector` with every slot outside copy `matrix.copy` zeroed: one level."""
-    ct = vector.ciphertext()[0]
-    return backend.to_vector(_masked(backend, ct, matrix.mask(backend, ct.parms_id())), matrix.cols)
+def copy_mask(backend: SealBackend, ct: sealapi.Ciphertext, matrix: CopyMask) -> sealapi.Ciphertext:
+    """`ct` with every slot outside copy `matrix.copy` zeroed: one level."""
+    return _masked(backend, ct, matrix.mask(backend, ct.parms_id()))
 
 
-def copy_spread(backend: SealBackend, vector: ts.CKKSVector, matrix: CopySpread) -> ts.CKKSVector:
-    """Copy 0 of `vector` in every copy, and its first values in the cut copy: one level,
+def copy_spread(backend: SealBackend, ct: sealapi.Ciphertext, matrix: CopySpread) -> sealapi.Ciphertext:
+    """Copy 0 of `ct` in every copy, and its first values in the cut copy: one level,
     `window_sum_rotations(copies)` rotations (+1 for the cut copy)."""
-    ct = vector.ciphertext()[0]
     whole, cut = matrix.masks(backend, ct.parms_id())
     spread = _window_sum(backend, _masked(backend, ct, whole), matrix.copies, -matrix.rows)
     if cut is not None:
         # its own mask: rotating all of copy 0 there would wrap its other values onto copy 0
         tail = backend.rotate(_masked(backend, ct, cut), -matrix.copies * matrix.rows)
         backend.evaluator.add_inplace(spread, tail)
-    return backend.to_vector(spread, matrix.cols)
+    return spread
 
 
 def matrix_for_cost_key(key: tuple, slots: int, rng: np.random.Generator) -> PlaintextMatrix:
@@ -500,12 +486,11 @@ def bsgs(backend: SealBackend, ct: sealapi.Ciphertext, plains: dict, rows: int) 
     return total
 
 
-def matmul(backend: SealBackend, vector: ts.CKKSVector, matrix: PlaintextMatrix,
-           budget: EncodingBudget | None = None) -> ts.CKKSVector:
-    """`vector @ matrix` by BSGS; one level, like TenSEAL's `matmul`, and the same slots."""
-    ct = vector.ciphertext()[0]
+def matmul(backend: SealBackend, ct: sealapi.Ciphertext, matrix: PlaintextMatrix,
+           budget: EncodingBudget | None = None) -> sealapi.Ciphertext:
+    """`ct @ matrix` by BSGS; one level, like TenSEAL's `matmul`, and the same slots."""
     total = bsgs(backend, ct, matrix.plaintexts(backend, ct.parms_id(), budget), matrix.rows)
     # As TenSEAL does after every rescale: the prime is ≈ the scale, so call the scale exact
     # (otherwise later additions of constants fail on a "scale mismatch").
     total.scale = backend.scale
-    return backend.to_vector(total, matrix.cols)
+    return total

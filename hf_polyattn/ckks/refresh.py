@@ -5,6 +5,7 @@ from typing import Protocol
 
 import numpy as np
 import tenseal as ts
+import tenseal.sealapi as sealapi
 
 from .client import untag
 from .seal_backend import SealBackend
@@ -12,9 +13,11 @@ from .seal_backend import SealBackend
 
 class Refresher(Protocol):
     """Turns a ciphertext at its last level into a fresh one with the same values (`all_slots`:
-    every slot's own value, else the vector's values repeated over the slots)."""
+    every slot's own value, else its first `size` values repeated over the slots). `backend`:
+    the server's SEAL objects (its public context)."""
 
-    def __call__(self, vector: ts.CKKSVector, profiler, all_slots: bool = False) -> ts.CKKSVector: ...
+    def __call__(self, backend: SealBackend, ct: sealapi.Ciphertext, size: int, profiler,
+                 all_slots: bool = False) -> sealapi.Ciphertext: ...
 
 
 class ClientRoundTrip:
@@ -42,13 +45,6 @@ class ClientRoundTrip:
         self.client = client
         self.mask_bound = client.params.mask_bound if mask_bound is None else mask_bound
         self.rng = np.random.default_rng(seed) if seed is not None else None
-        self._backends: dict[int, SealBackend] = {}
-
-    def _backend(self, context: ts.Context) -> SealBackend:
-        key = id(context.data)
-        if key not in self._backends:
-            self._backends[key] = SealBackend(context)
-        return self._backends[key]
 
     def draw_mask(self, size: int) -> np.ndarray:
         """`size` values uniform in [-R, R): 53 random bits each."""
@@ -57,16 +53,16 @@ class ClientRoundTrip:
         bits = np.frombuffer(os.urandom(8 * size), dtype=np.uint64) >> np.uint64(11)
         return (bits * 2.0**-53 * 2.0 - 1.0) * self.mask_bound
 
-    def __call__(self, vector: ts.CKKSVector, profiler, all_slots: bool = False) -> ts.CKKSVector:
-        context = vector.context()  # the server's public context
-        backend = self._backend(context)
-        size = backend.slots if all_slots else vector.size()
+    def __call__(self, backend: SealBackend, ct: sealapi.Ciphertext, size: int, profiler,
+                 all_slots: bool = False) -> sealapi.Ciphertext:
+        carried = backend.slots if all_slots else size
         with profiler.op("refresh"):
-            mask = self.draw_mask(size)
-            masked = self.client.key_id + backend.serialize(backend.add_plain(vector, mask), size)
+            mask = self.draw_mask(carried)
+            masked = self.client.key_id + backend.serialize(backend.add_repeated(ct, mask), carried)
             profiler.bytes["to_client"] += len(masked)
             fresh = untag(self.client.refresh(masked), self.client.key_id)
             profiler.bytes["to_server"] += len(fresh)
             profiler.refreshes += 1
-            unmasked = backend.add_plain(ts.ckks_vector_from(context, fresh), -mask)
-            return backend.to_vector(unmasked, vector.size())
+            fresh_ct = ts.ckks_vector_from(backend.context, fresh).ciphertext()[0]
+            backend.evaluator.add_plain_inplace(fresh_ct, backend.encode_repeated(-mask, fresh_ct.parms_id(), fresh_ct.scale))
+            return fresh_ct

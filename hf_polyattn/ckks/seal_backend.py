@@ -1,8 +1,12 @@
-"""Raw SEAL under TenSEAL: encoding, rotations, plaintext products, and TenSEAL's serialized form.
+"""Raw SEAL under TenSEAL: the server's arithmetic, encoding, rotations, and TenSEAL's serialized form.
 
-TenSEAL offers vectors; the baby-step giant-step products (`matmul.py`), the client's seeded
-symmetric encryptions and the refresh masks need SEAL's own objects for one (public) context.
-SEAL serialises to paths only, so ciphertexts pass through a private anonymous file (`_scratch`).
+TenSEAL offers vectors, but a vector cannot be made from a SEAL ciphertext without serializing
+it and parsing it back (~1.5 ms at N=8192), which every product and refresh would pay. So the
+server computes on SEAL's own ciphertexts (`Cipher`), with TenSEAL's conventions: products are
+relinearised and rescaled at once, operands of two levels meet at the lower one, and a rescaled
+ciphertext's scale is called exactly the global scale (the prime is ≈ the scale). TenSEAL's
+format is kept on the wire (`serialize`, `load`). SEAL serialises to paths only, so ciphertexts
+pass through a private anonymous file (`_scratch`).
 """
 
 import os
@@ -27,7 +31,79 @@ class SealBackend:
         self.galois_keys = context.galois_keys().data
         self.slots = self.encoder.slot_count()
         self.scale = context.global_scale
+        self._data = data
+        self._relin_keys = None
         self._scratch = _private_scratch_path(self)
+
+    # -- arithmetic on ciphertexts (each result a new ciphertext: the operands are never changed) --
+
+    def level(self, ct: sealapi.Ciphertext) -> int:
+        """Multiplications `ct` can still take (its index in the modulus chain)."""
+        return self._data.get_context_data(ct.parms_id()).chain_index()
+
+    def _lowered(self, ct: sealapi.Ciphertext, parms_id) -> sealapi.Ciphertext:
+        if tuple(ct.parms_id()) == tuple(parms_id):
+            return ct
+        lowered = sealapi.Ciphertext()
+        self.evaluator.mod_switch_to(ct, parms_id, lowered)
+        return lowered
+
+    def _at_one_level(self, a: sealapi.Ciphertext, b: sealapi.Ciphertext) -> tuple:
+        """`a` and `b` at the lower of their levels (the higher one mod-switched, as a copy)."""
+        if self.level(a) > self.level(b):
+            return self._lowered(a, b.parms_id()), b
+        return a, self._lowered(b, a.parms_id())
+
+    def _rescaled(self, ct: sealapi.Ciphertext) -> sealapi.Ciphertext:
+        self.evaluator.rescale_to_next_inplace(ct)
+        ct.scale = self.scale  # the prime is ≈ the scale: call it exact, as TenSEAL does
+        return ct
+
+    def multiply(self, a: sealapi.Ciphertext, b: sealapi.Ciphertext) -> sealapi.Ciphertext:
+        """`a ⊙ b`, relinearised and rescaled: one level."""
+        if self._relin_keys is None:
+            self._relin_keys = self.context.relin_keys().data
+        a, b = self._at_one_level(a, b)
+        product = sealapi.Ciphertext()
+        self.evaluator.multiply(a, b, product)
+        self.evaluator.relinearize_inplace(product, self._relin_keys)
+        return self._rescaled(product)
+
+    def multiply_scalar(self, ct: sealapi.Ciphertext, value: float) -> sealapi.Ciphertext:
+        """`value · ct`, rescaled: one level. `value` must not encode to 0 (SEAL refuses a product
+        that is transparent)."""
+        plain = sealapi.Plaintext()
+        self.encoder.encode(float(value), ct.parms_id(), self.scale, plain)
+        product = sealapi.Ciphertext()
+        self.evaluator.multiply_plain(ct, plain, product)
+        return self._rescaled(product)
+
+    def add(self, a: sealapi.Ciphertext, b: sealapi.Ciphertext, subtract: bool = False) -> sealapi.Ciphertext:
+        """`a + b` (or `a − b`) at the lower of their levels: no level."""
+        a, b = self._at_one_level(a, b)
+        total = sealapi.Ciphertext()
+        (self.evaluator.sub if subtract else self.evaluator.add)(a, b, total)
+        return total
+
+    def add_scalar(self, ct: sealapi.Ciphertext, value: float) -> sealapi.Ciphertext:
+        """`ct + value` in every slot: no level."""
+        plain = sealapi.Plaintext()
+        self.encoder.encode(float(value), ct.parms_id(), ct.scale, plain)
+        total = sealapi.Ciphertext()
+        self.evaluator.add_plain(ct, plain, total)
+        return total
+
+    def negate(self, ct: sealapi.Ciphertext) -> sealapi.Ciphertext:
+        negated = sealapi.Ciphertext()
+        self.evaluator.negate(ct, negated)
+        return negated
+
+    def add_repeated(self, ct: sealapi.Ciphertext, values: np.ndarray) -> sealapi.Ciphertext:
+        """`ct + values`, `values` repeated over every slot (`np.resize`: TenSEAL's layout of a
+        vector of that many values): no level."""
+        total = sealapi.Ciphertext()
+        self.evaluator.add_plain(ct, self.encode_repeated(values, ct.parms_id(), ct.scale), total)
+        return total
 
     def encode(self, values: np.ndarray, parms_id, scale: float | None = None) -> sealapi.Plaintext:
         """A plaintext at `parms_id`'s level (zeros after `values`), at `scale` or the global one."""
@@ -72,13 +148,6 @@ class SealBackend:
             else:
                 self.evaluator.add_inplace(total, product)
         return total
-
-    def add_plain(self, vector: ts.CKKSVector, values: np.ndarray) -> sealapi.Ciphertext:
-        """`vector + values` with `values` (one per slot of the vector) repeated over every slot,
-        the layout TenSEAL gives the vector itself (a plain list would be zero-padded: #462)."""
-        ct = vector.ciphertext()[0]
-        self.evaluator.add_plain_inplace(ct, self.encode_repeated(values, ct.parms_id(), ct.scale))
-        return ct
 
     def serialize(self, ct, size: int) -> bytes:
         """TenSEAL's serialized form of a `size`-value vector held in `ct` (CKKSVectorProto:

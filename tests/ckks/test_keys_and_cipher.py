@@ -8,7 +8,7 @@ import pytest
 import tenseal as ts
 
 from hf_polyattn.ckks import CKKSClient, CKKSParameters, ClientRoundTrip
-from hf_polyattn.ckks.cipher import Cipher, CipherEngine, DepthExceededError
+from hf_polyattn.ckks.cipher import CipherEngine, DepthExceededError
 from hf_polyattn.ckks.client import KEY_ID_BYTES, IntegrityError, RefreshRefused
 from hf_polyattn.ckks.matmul import PlaintextMatrix
 from hf_polyattn.ckks.seal_backend import SealBackend
@@ -209,8 +209,7 @@ def test_ciphertext_serialisation_writes_no_file_anyone_can_find(client):
 
 def all_slots(client, engine, cipher) -> np.ndarray:
     """Every slot of `cipher`, not only its first `size` values."""
-    wide = engine.seal.to_vector(cipher.vector.ciphertext()[0], client.params.slots)
-    return client.decrypt(client.key_id + wide.serialize(), bound=np.inf)
+    return client.decrypt(client.key_id + engine.seal.serialize(cipher.ct, client.params.slots), bound=np.inf)
 
 
 # SmolLM2's 576×576, 576×1536 and 1536×576 scaled down by 8: rows that do not divide the 4096 slots
@@ -224,7 +223,7 @@ def test_bsgs_product_matches_numpy_and_tenseal_in_every_slot_when_rows_do_not_d
     assert np.abs(client.decrypt(product.serialize()) - values @ weights).max() < 1e-5
     # TenSEAL's own matmul, slot for slot: the wrapped slots past the last whole copy included, so
     # whatever reads them next (a following product, a rotation) sees what it saw before BSGS
-    reference = Cipher(x.vector.matmul(weights.tolist()), engine)
+    reference = engine.load(client.key_id + x.vector.matmul(weights.tolist()).serialize())
     assert np.abs(all_slots(client, engine, product) - all_slots(client, engine, reference)).max() < 1e-5
 
 
@@ -292,19 +291,19 @@ def test_encoded_diagonals_are_kept_within_the_budget_and_given_back_with_their_
     x = engine.load(client.encrypt(generator.uniform(-1, 1, 64)))
     kept = PlaintextMatrix(generator.uniform(-1, 1, (64, 64)))
     budget = EncodingBudget(max_bytes=10**12)
-    kept.plaintexts(engine.seal, x.vector.ciphertext()[0].parms_id(), budget)
+    kept.plaintexts(engine.seal, x.ct.parms_id(), budget)
     size = budget.kept_bytes
     assert size >= 64 * client.params.poly_modulus_degree * 8  # 64 diagonals of N coefficients (or more primes)
     tight = EncodingBudget(max_bytes=size)  # room for one matrix: the second is encoded at each use
     first, second = (PlaintextMatrix(generator.uniform(-1, 1, (64, 64))) for _ in range(2))
     once = PlaintextMatrix(generator.uniform(-1, 1, (64, 64)), reusable=False)
     for matrix in (first, second, once, second):
-        matrix.plaintexts(engine.seal, x.vector.ciphertext()[0].parms_id(), tight)
+        matrix.plaintexts(engine.seal, x.ct.parms_id(), tight)
     assert tight.kept_bytes == size and tight.encoded_again == 2 * 64
     del first
     gc.collect()
     assert tight.kept_bytes == 0  # the dropped matrix gave its bytes back: the next one is kept
-    second.plaintexts(engine.seal, x.vector.ciphertext()[0].parms_id(), tight)
+    second.plaintexts(engine.seal, x.ct.parms_id(), tight)
     assert tight.kept_bytes == size
 
 
@@ -314,7 +313,7 @@ def test_the_budget_keeps_the_smallest_diagonals_first(client, engine):
     generator = np.random.default_rng(5)
     x = engine.load(client.encrypt(generator.uniform(-1, 1, 64)))
     lower = x * 1.0  # a level down: its products' diagonals have one prime fewer
-    top, low = (v.vector.ciphertext()[0].parms_id() for v in (x, lower))
+    top, low = (v.ct.parms_id() for v in (x, lower))
     big, small, other = (PlaintextMatrix(generator.uniform(-1, 1, (64, 64))) for _ in range(3))
     sizes = []
     for matrix, level in ((big, top), (small, low)):
@@ -422,7 +421,7 @@ def test_two_products_taking_turns_copy_by_copy_cost_one_and_rotate_into_place(c
     fused = PlaintextMatrix(np.concatenate([key, value], axis=1), copy_columns=(2, width))
     both = x.matmul(fused)
     assert both.packed and both.size == width and both.level == x.level - 1
-    assert len(fused.plaintexts(engine.seal, both.vector.ciphertext()[0].parms_id())) <= rows  # one product's diagonals
+    assert len(fused.plaintexts(engine.seal, both.ct.parms_id())) <= rows  # one product's diagonals
     copies = (slots - rows + 1) // width  # the copies whose every input slot is right
     expected = np.stack([values @ key, values @ value])[np.arange(copies) % 2].ravel()
     assert np.abs(all_slots(client, engine, both)[: copies * width] - expected).max() < 1e-5
