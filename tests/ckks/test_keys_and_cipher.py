@@ -360,16 +360,27 @@ def test_a_block_sum_by_rotations_matches_numpy_and_the_dense_product(client, en
         BlockSumMatrix(width, block + 1)
 
 
-def test_a_product_leaves_both_operands_at_their_levels(client, engine):
-    # TenSEAL mod-switches a higher right operand in place: a reused value (a cached key, a query)
-    # would silently lose levels and be refreshed more often than the planner predicts
+def test_products_and_sums_leave_both_operands_at_their_levels(client, engine):
+    # operands of two levels meet at the lower one: a reused value (a cached key, a query) that
+    # lost its levels in the meeting would be refreshed more often than the planner predicts
     x, y = (engine.load(client.encrypt(np.full(4, 0.5))) for _ in range(2))
     low = x * 0.5
     for left, right in ((low, y), (y, low)):
-        product = left * right
+        product, total, difference = left * right, left + right, left - right
         assert (low.level, y.level) == (1, 2)
-        assert product.level == 0
+        assert (product.level, total.level, difference.level) == (0, 1, 1)
         assert np.allclose(client.decrypt(product.serialize()), 0.125, atol=1e-5)
+        assert np.allclose(client.decrypt(total.serialize()), 0.75, atol=1e-5)
+        assert np.allclose(client.decrypt(difference.serialize()), 0.25 if left is y else -0.25, atol=1e-5)
+    assert np.allclose(client.decrypt((1.0 - low).serialize()), 0.75, atol=1e-5)
+    assert np.allclose(client.decrypt((-low).serialize()), -0.25, atol=1e-5)
+
+
+def test_a_constant_that_encodes_to_zero_is_refused(client, engine):
+    x = engine.load(client.encrypt([1.0, 2.0]))
+    for constant in (0, 0.0, 1e-14):
+        with pytest.raises(ValueError, match="encodes to zero"):
+            x * constant
 
 
 # SmolLM2's 576 (7 copies and a cut one of 64 values on 4096 slots) and a width filling the slots
