@@ -9,6 +9,7 @@ from numbers import Real
 import tenseal as ts
 import tenseal.sealapi as sealapi
 
+from ..modeling.symbolic import drops_a_level_first
 from . import matmul
 from .client import key_id, load_vector
 from .matmul import (
@@ -180,6 +181,9 @@ class Cipher:
         seal = self.engine.seal
         require_supported_product(matrix.rows, matrix.cols, seal.slots)
         a = self._fresh_enough()
+        if drops_a_level_first(matrix.cost_key, a.level, self.engine.top_level):
+            a = Cipher(seal.lowered(a.ct), a.size, self.engine, a.packed)
+            self.engine.levels_consumed += 1
         # packed out: a copy mask, a product (or RoPE) writing some slots only or products taking turns
         # copy by copy, a block sum of packed values
         packed = matrix.packs

@@ -48,6 +48,12 @@ class SealBackend:
         self.evaluator.mod_switch_to(ct, parms_id, lowered)
         return lowered
 
+    def lowered(self, ct: sealapi.Ciphertext) -> sealapi.Ciphertext:
+        """`ct` one level down (a prime dropped; the values and the scale unchanged)."""
+        lowered = sealapi.Ciphertext()
+        self.evaluator.mod_switch_to_next(ct, lowered)
+        return lowered
+
     def _at_one_level(self, a: sealapi.Ciphertext, b: sealapi.Ciphertext) -> tuple:
         """`a` and `b` at the lower of their levels (the higher one mod-switched, as a copy)."""
         if self.level(a) > self.level(b):

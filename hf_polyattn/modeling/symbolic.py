@@ -23,6 +23,20 @@ def window_sum_rotations(count: int) -> int:
     return count.bit_length() - 1 + bin(count).count("1") - 1
 
 
+def drops_a_level_first(cost_key: tuple, levels_left: int, top_level: int | None) -> bool:
+    """Whether a plaintext-matrix product runs one level below its input's (the level dropped).
+
+    On a ring of 2 levels between refreshes a fresh ciphertext holds three primes and one level
+    lower two: a dense (baby-step giant-step) product's rotations and plaintext products cost
+    about half there and its encoded diagonals two thirds of the memory, for at most one more
+    refresh (a d=576 product saves ~90 ms; a refresh costs ~5 ms). So a dense product of a fresh
+    input takes it down a level first. Rings with more levels keep them (a level is a larger share
+    of what a refresh buys, and the product's share of primes changes less). The server's `Cipher`
+    and this module's `SymbolicCipher` both follow this rule, so the plan stays exact.
+    """
+    return top_level == 2 and levels_left == 2 and len(cost_key) == 2
+
+
 class CircuitTally:
     """Counts shared by every `SymbolicCipher` of one run.
 
@@ -111,9 +125,12 @@ class SymbolicCipher:
         its `cost_key` when it has one, e.g. a head sum computed by rotations)."""
         rows, cols = matrix.shape
         a = self._fresh_enough()
-        self.tally.levels_consumed += 1
-        self.tally.matmuls[getattr(matrix, "cost_key", (rows, cols))] += 1
-        return SymbolicCipher(cols, a.depth + 1, self.tally)
+        key = getattr(matrix, "cost_key", (rows, cols))
+        top = self.tally.top_level
+        dropped = top is not None and drops_a_level_first(key, top - a.depth, top)
+        self.tally.levels_consumed += 1 + dropped
+        self.tally.matmuls[key] += 1
+        return SymbolicCipher(cols, a.depth + 1 + dropped, self.tally)
 
     def rotate(self, step: int) -> "SymbolicCipher":
         """Rotated by `step` slots: no level, one rotation."""
@@ -151,4 +168,4 @@ def measure_circuit(circuit, size: int = 1) -> dict[str, int]:
     return {"depth": depth, "ct_ct": tally.ops["ct×ct"], "ct_pt": tally.ops["ct×pt"]}
 
 
-__all__ = ["CircuitTally", "SymbolicCipher", "measure_circuit", "window_sum_rotations"]
+__all__ = ["CircuitTally", "SymbolicCipher", "drops_a_level_first", "measure_circuit", "window_sum_rotations"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_polyattn.ckks import CKKSClient, CKKSServer, ClientRoundTrip
-from hf_polyattn.ckks.matmul import BlockSumMatrix, CopyMask, CopySpread, RotaryMatrix
+from hf_polyattn.ckks.matmul import BlockSumMatrix, CopyMask, CopySpread, PlaintextMatrix, RotaryMatrix
 from hf_polyattn.ckks.server import ServerMatrices
 from hf_polyattn.modeling.circuit import CircuitPlan, DecoderCircuit, ShapeMatrices, circuit_depths, symbolic_run
 from hf_polyattn.modeling.symbolic import CircuitTally
@@ -144,6 +144,17 @@ def test_symbolic_cipher_counts_levels_and_refreshes():
     assert (z.depth, tally.refreshes) == (1, 1)
     assert (y * x).depth == 1 and tally.refreshes == 1  # its refreshed copy is reused, not made again
     assert (x + y).depth == 2 and tally.ops["ct×ct"] == 3 and tally.ops["ct×pt"] == 1
+
+
+@pytest.mark.parametrize("top_level, dense_depth", [(2, 2), (3, 1), (None, 1)])
+def test_a_symbolic_dense_product_of_a_fresh_input_drops_a_level_on_a_two_level_ring(top_level, dense_depth):
+    # what the server's Cipher.matmul does (drops_a_level_first): counted, so the plan stays exact
+    dense, block_sum = PlaintextMatrix(np.ones((4, 4))), BlockSumMatrix(4, 2)
+    tally = CircuitTally(top_level)
+    x = tally.fresh(4)
+    assert (x.matmul(dense).depth, tally.levels_consumed) == (dense_depth, dense_depth)
+    assert x.matmul(block_sum).depth == 1  # rotations and one mask: it keeps its level
+    assert (x * 1.0).matmul(dense).depth == 2  # an input a level down already drops nothing
 
 
 def test_a_built_server_is_a_snapshot_of_the_model():

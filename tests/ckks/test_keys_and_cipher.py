@@ -376,6 +376,22 @@ def test_products_and_sums_leave_both_operands_at_their_levels(client, engine):
     assert np.allclose(client.decrypt((-low).serialize()), -0.25, atol=1e-5)
 
 
+def test_a_dense_product_of_a_fresh_input_runs_a_level_lower_on_a_two_level_ring(client, engine):
+    # two primes instead of three: about half the product's cost, for at most one more refresh;
+    # the level it drops is counted, as the planner counts it (drops_a_level_first)
+    from hf_polyattn.ckks.matmul import BlockSumMatrix
+
+    generator = np.random.default_rng(7)
+    values, weights = generator.uniform(-1, 1, 64), generator.uniform(-1, 1, (64, 64)) / 8
+    x = engine.load(client.encrypt(values))
+    before = engine.levels_consumed
+    product = x.matmul(PlaintextMatrix(weights))
+    assert (product.level, engine.levels_consumed - before) == (0, 2)
+    assert np.abs(client.decrypt(product.serialize()) - values @ weights).max() < 1e-5
+    assert (x * 1.0).matmul(PlaintextMatrix(weights)).level == 0  # a level down already: none dropped
+    assert x.matmul(BlockSumMatrix(64, 8)).level == 1  # rotations and one mask: it keeps its level
+
+
 def test_a_constant_that_encodes_to_zero_is_refused(client, engine):
     x = engine.load(client.encrypt([1.0, 2.0]))
     for constant in (0, 0.0, 1e-14):
@@ -431,7 +447,8 @@ def test_two_products_taking_turns_copy_by_copy_cost_one_and_rotate_into_place(c
     x = engine.load(client.encrypt(values))
     fused = PlaintextMatrix(np.concatenate([key, value], axis=1), copy_columns=(2, width))
     both = x.matmul(fused)
-    assert both.packed and both.size == width and both.level == x.level - 1
+    # one product: of a fresh input it runs a level lower, as every dense product does (drops_a_level_first)
+    assert both.packed and both.size == width and both.level == x.level - 2
     assert len(fused.plaintexts(engine.seal, both.ct.parms_id())) <= rows  # one product's diagonals
     copies = (slots - rows + 1) // width  # the copies whose every input slot is right
     expected = np.stack([values @ key, values @ value])[np.arange(copies) % 2].ravel()
@@ -476,8 +493,10 @@ def test_replicating_refreshes_at_any_level_and_puts_every_slot_right(client, en
     values, weights = generator.uniform(-1, 1, rows), generator.uniform(-1, 1, (rows, rows)) / rows
     y = engine.load(client.encrypt(values)).matmul(PlaintextMatrix(weights))
     expected = np.resize(values @ weights, slots)
-    assert y.level > 0 and np.abs(all_slots(client, engine, y) - expected)[slots - rows + 1 :].max() > 1e-3
+    assert np.abs(all_slots(client, engine, y) - expected)[slots - rows + 1 :].max() > 1e-3
     refreshes = engine.profiler.refreshes
     replicated = y.replicated()
     assert engine.profiler.refreshes == refreshes + 1 and replicated.level == engine.top_level
     assert np.abs(all_slots(client, engine, replicated) - expected).max() < 1e-5
+    # with levels left it is refreshed all the same
+    assert replicated.replicated().level == engine.top_level and engine.profiler.refreshes == refreshes + 2
