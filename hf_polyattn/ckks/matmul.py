@@ -73,8 +73,9 @@ class EncodingBudget:
     """How many bytes of encoded diagonals the matrices of one engine may keep.
 
     A plaintext at N=8192 with three primes is 196 KB (131 KB with two, 66 KB with one: a
-    diagonal is encoded at the level of the ciphertext it multiplies), so one SmolLM2 layer's
-    diagonals take ~1 GB and all 30 layers would not fit in memory. What does not fit is encoded
+    diagonal is encoded at the level of the ciphertext it multiplies; on the default ring every
+    dense product multiplies at two, `symbolic.drops_a_level_first`), so one SmolLM2 layer's
+    diagonals take ~0.6 GB and all 30 layers (17 GB) do not fit in a 23 GB machine's memory. What does not fit is encoded
     again at each use, at about the same time per diagonal whatever its level (~0.5 ms). So the
     budget keeps the most diagonals it can: the smallest plaintexts first. A matrix whose
     diagonals are smaller than some kept ones takes their room (they are encoded again at their
