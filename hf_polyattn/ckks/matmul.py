@@ -190,7 +190,7 @@ class PlaintextMatrix:
             if self.output_slots is not None:
                 diagonal = diagonal * self.output_slots
             if diagonal.any():  # a zero diagonal adds nothing (and SEAL refuses its product)
-                encoded[(g, b)] = backend.encode(np.roll(diagonal, g * n1), parms_id)
+                encoded[(g, b)] = backend.encode_factor(np.roll(diagonal, g * n1), parms_id)
         if not self.reusable:
             return encoded
         nbytes = sum(plain.coeff_count() for plain in encoded.values()) * 8
@@ -240,7 +240,7 @@ class BlockSumMatrix(PlaintextMatrix):
                 position = np.arange(slots)
                 starts = (position % self.rows % self.block == 0) & (position + self.block <= slots)
                 values = np.where(starts, self.factor, 0.0)
-            self._masks[key] = backend.encode(values, parms_id)
+            self._masks[key] = backend.encode_factor(values, parms_id)
         return self._masks[key]
 
 
@@ -331,7 +331,7 @@ class RotaryMatrix(PlaintextMatrix):
         key = tuple(parms_id)
         if key not in self._masks:
             half = self.head_dim // 2
-            self._masks[key] = [(step, backend.encode(v, parms_id))
+            self._masks[key] = [(step, backend.encode_factor(v, parms_id))
                                 for step, v in zip((0, half, -half), self.slot_vectors(backend.slots)) if v.any()]
         return self._masks[key]
 
@@ -373,7 +373,7 @@ class CopyMask(PlaintextMatrix):
     def mask(self, backend: SealBackend, parms_id) -> sealapi.Plaintext:
         key = tuple(parms_id)
         if key not in self._masks:
-            self._masks[key] = backend.encode(self.mask_values(), parms_id)
+            self._masks[key] = backend.encode_factor(self.mask_values(), parms_id)
         return self._masks[key]
 
 
@@ -410,8 +410,8 @@ class CopySpread(PlaintextMatrix):
         key = tuple(parms_id)
         if key not in self._masks:
             position = np.arange(self.slots)
-            whole = backend.encode((position < self.rows).astype(np.float64), parms_id)
-            cut = backend.encode((position < self.cut).astype(np.float64), parms_id) if self.cut else None
+            whole = backend.encode_factor((position < self.rows).astype(np.float64), parms_id)
+            cut = backend.encode_factor((position < self.cut).astype(np.float64), parms_id) if self.cut else None
             self._masks[key] = (whole, cut)
         return self._masks[key]
 
