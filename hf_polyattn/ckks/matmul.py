@@ -421,7 +421,7 @@ def _masked(backend: SealBackend, ct: sealapi.Ciphertext, mask: sealapi.Plaintex
     product = sealapi.Ciphertext()
     backend.evaluator.multiply_plain(ct, mask, product)
     backend.evaluator.rescale_to_next_inplace(product)
-    product.scale = backend.scale  # as after every rescale here: the prime is ≈ the scale
+    product.scale = backend.scale  # already exactly so: the mask was encoded at the prime's scale
     return product
 
 
@@ -491,7 +491,5 @@ def matmul(backend: SealBackend, ct: sealapi.Ciphertext, matrix: PlaintextMatrix
            budget: EncodingBudget | None = None) -> sealapi.Ciphertext:
     """`ct @ matrix` by BSGS; one level, like TenSEAL's `matmul`, and the same slots."""
     total = bsgs(backend, ct, matrix.plaintexts(backend, ct.parms_id(), budget), matrix.rows)
-    # As TenSEAL does after every rescale: the prime is ≈ the scale, so call the scale exact
-    # (otherwise later additions of constants fail on a "scale mismatch").
-    total.scale = backend.scale
+    total.scale = backend.scale  # already exactly so: the diagonals were encoded at the prime's scale
     return total

@@ -63,6 +63,4 @@ class ClientRoundTrip:
             fresh = untag(self.client.refresh(masked), self.client.key_id)
             profiler.bytes["to_server"] += len(fresh)
             profiler.refreshes += 1
-            fresh_ct = ts.ckks_vector_from(backend.context, fresh).ciphertext()[0]
-            backend.evaluator.add_plain_inplace(fresh_ct, backend.encode_repeated(-mask, fresh_ct.parms_id(), fresh_ct.scale))
-            return fresh_ct
+            return backend.add_repeated(ts.ckks_vector_from(backend.context, fresh).ciphertext()[0], -mask)

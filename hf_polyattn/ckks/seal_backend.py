@@ -3,8 +3,9 @@
 TenSEAL offers vectors, but a vector cannot be made from a SEAL ciphertext without serializing
 it and parsing it back (~1.5 ms at N=8192), which every product and refresh would pay. So the
 server computes on SEAL's own ciphertexts (`Cipher`), with TenSEAL's conventions: products are
-relinearised and rescaled at once, operands of two levels meet at the lower one, and a rescaled
-ciphertext's scale is called exactly the global scale (the prime is ≈ the scale). TenSEAL's
+relinearised and rescaled at once, and operands of two levels meet at the lower one. A plaintext
+product comes back at exactly the global scale (`encode_factor`); a ct×ct product's `scale²/prime`
+is called the global scale, as TenSEAL does (the prime is ≈ the scale). TenSEAL's
 format is kept on the wire (`serialize`, `load`). SEAL serialises to paths only, so ciphertexts
 pass through a private anonymous file (`_scratch`).
 """
