@@ -32,8 +32,8 @@ class ClientRoundTrip:
 
     Hiding: for values bounded by `|x| ≤ B`, each slot the client sees is within statistical
     distance `B / R` of uniform. With the default `R = 2^16`, `benchmarks/refresh_hiding.py`
-    measured 2^-12 to 2^-19 per value at most sites of the embedded model but 2^-6.9 at its second
-    layer's reciprocal (intermediates up to 561): a weak hiding, stated as such. `R` costs headroom,
+    measured 2^-12 to 2^-19 per value at most sites of the embedded model but 2^-7.2 at its second
+    layer's reciprocal (intermediates up to 434): a weak hiding, stated as such. `R` costs headroom,
     not precision (`CKKSParameters.mask_bound`: the client refuses values beyond `2R`).
     """
 
