@@ -44,6 +44,7 @@ class SealBackend:
         return self._data.get_context_data(ct.parms_id()).chain_index()
 
     def _lowered(self, ct: sealapi.Ciphertext, parms_id) -> sealapi.Ciphertext:
+        """`ct` mod-switched to `parms_id`'s level (`ct` itself if it is there)."""
         if tuple(ct.parms_id()) == tuple(parms_id):
             return ct
         lowered = sealapi.Ciphertext()
@@ -147,12 +148,7 @@ class SealBackend:
     def at_last_level(self, ct: sealapi.Ciphertext) -> sealapi.Ciphertext:
         """`ct` mod-switched to the last level (`ct` itself if it is there; the values and the scale
         are unchanged)."""
-        last = self.context.seal_context().data.last_parms_id()
-        if tuple(ct.parms_id()) == tuple(last):
-            return ct
-        lowered = sealapi.Ciphertext()
-        self.evaluator.mod_switch_to(ct, last, lowered)
-        return lowered
+        return self._lowered(ct, self._data.last_parms_id())
 
     def rotate(self, ct: sealapi.Ciphertext, step: int) -> sealapi.Ciphertext:
         rotated = sealapi.Ciphertext()
