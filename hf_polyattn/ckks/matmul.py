@@ -75,9 +75,9 @@ class EncodingBudget:
     A plaintext at N=8192 with three primes is 196 KB (131 KB with two, 66 KB with one: a
     diagonal is encoded at the level of the ciphertext it multiplies; on the default ring every
     dense product multiplies at two, `symbolic.drops_a_level_first`), so one SmolLM2 layer's
-    diagonals take ~0.6 GB and all 30 layers (17 GB) do not fit in a 23 GB machine's memory. What does not fit is encoded
-    again at each use, at about the same time per diagonal whatever its level (~0.5 ms). So the
-    budget keeps the most diagonals it can: the smallest plaintexts first. A matrix whose
+    diagonals take ~0.6 GB and all 30 layers (17 GB) do not fit in a 23 GB machine's memory.
+    What does not fit is encoded again at each use, at about the same time per diagonal whatever
+    its level (~0.5 ms). So the budget keeps the most diagonals it can: the smallest plaintexts first. A matrix whose
     diagonals are smaller than some kept ones takes their room (they are encoded again at their
     next use); otherwise first come, first kept. Not an LRU: a step walks the layers in the same
     order every token, and an LRU smaller than that cycle evicts every matrix just before its
@@ -340,9 +340,7 @@ def rotary(backend: SealBackend, ct: sealapi.Ciphertext, matrix: RotaryMatrix) -
     """`ct @ matrix` for RoPE: `Σ rot(x, step) ⊙ mask`, rescaled (one level, two rotations)."""
     total = backend.multiply_sum((ct if step == 0 else backend.rotate(ct, step), plain)
                                  for step, plain in matrix.masks(backend, ct.parms_id()))
-    backend.evaluator.rescale_to_next_inplace(total)
-    total.scale = backend.scale
-    return total
+    return backend.rescaled(total)
 
 
 def copy_slots(width: int, slots: int, copy: int) -> np.ndarray:
@@ -420,9 +418,7 @@ def _masked(backend: SealBackend, ct: sealapi.Ciphertext, mask: sealapi.Plaintex
     """`ct ⊙ mask`, rescaled (one level)."""
     product = sealapi.Ciphertext()
     backend.evaluator.multiply_plain(ct, mask, product)
-    backend.evaluator.rescale_to_next_inplace(product)
-    product.scale = backend.scale  # already exactly so: the mask was encoded at the prime's scale
-    return product
+    return backend.rescaled(product)
 
 
 def copy_mask(backend: SealBackend, ct: sealapi.Ciphertext, matrix: CopyMask) -> sealapi.Ciphertext:
@@ -483,13 +479,10 @@ def bsgs(backend: SealBackend, ct: sealapi.Ciphertext, plains: dict, rows: int) 
         total = inner
     if total is None:
         raise ValueError("a plaintext product by an all-zero matrix: drop it from the circuit")
-    backend.evaluator.rescale_to_next_inplace(total)
-    return total
+    return backend.rescaled(total)
 
 
 def matmul(backend: SealBackend, ct: sealapi.Ciphertext, matrix: PlaintextMatrix,
            budget: EncodingBudget | None = None) -> sealapi.Ciphertext:
     """`ct @ matrix` by BSGS; one level, like TenSEAL's `matmul`, and the same slots."""
-    total = bsgs(backend, ct, matrix.plaintexts(backend, ct.parms_id(), budget), matrix.rows)
-    total.scale = backend.scale  # already exactly so: the diagonals were encoded at the prime's scale
-    return total
+    return bsgs(backend, ct, matrix.plaintexts(backend, ct.parms_id(), budget), matrix.rows)

@@ -63,7 +63,8 @@ class SealBackend:
             return self._lowered(a, b.parms_id()), b
         return a, self._lowered(b, a.parms_id())
 
-    def _rescaled(self, ct: sealapi.Ciphertext) -> sealapi.Ciphertext:
+    def rescaled(self, ct: sealapi.Ciphertext) -> sealapi.Ciphertext:
+        """`ct` rescaled in place (a level), its scale the global one; `ct` itself."""
         self.evaluator.rescale_to_next_inplace(ct)
         # exact after a plaintext product (`encode_factor`); after a ct×ct product `scale²/prime`,
         # called the global scale as TenSEAL does (the prime is ≈ the scale)
@@ -78,7 +79,7 @@ class SealBackend:
         product = sealapi.Ciphertext()
         self.evaluator.multiply(a, b, product)
         self.evaluator.relinearize_inplace(product, self._relin_keys)
-        return self._rescaled(product)
+        return self.rescaled(product)
 
     def multiply_scalar(self, ct: sealapi.Ciphertext, value: float) -> sealapi.Ciphertext:
         """`value · ct`, rescaled: one level. `value` must not encode to 0 (SEAL refuses a product
@@ -87,7 +88,7 @@ class SealBackend:
         self.encoder.encode(float(value), ct.parms_id(), float(self.rescale_prime(ct.parms_id())), plain)
         product = sealapi.Ciphertext()
         self.evaluator.multiply_plain(ct, plain, product)
-        return self._rescaled(product)
+        return self.rescaled(product)
 
     def add(self, a: sealapi.Ciphertext, b: sealapi.Ciphertext, subtract: bool = False) -> sealapi.Ciphertext:
         """`a + b` (or `a − b`) at the lower of their levels: no level."""
