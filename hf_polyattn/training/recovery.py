@@ -55,8 +55,13 @@ TEACHER_TOKENS_PER_SECOND = 120.0  # teacher forward with every layer's attentio
 TRANSFER_SECONDS_PER_LAYER_PER_BLOCK = 0.3  # one 512-token block: forward+backward+error passes
 CACHE_TOKENS_PER_SECOND = 1200.0  # teacher top-k cache (bf16)
 DISTILL_TOKENS_PER_SECOND = 340.0  # cached top-k, bf16 autocast, all parameters, with the range loss
-EVAL_SECONDS_PER_REQUEST = 0.05  # one (context, continuation) pair, fp32, batch 16 (measured 0.023-0.08)
-POLYNOMIAL_SLOWDOWN = 4.2  # the polynomial form's circuits make its forward slower (SmolLM2: 723 s vs 172 s)
+# Seconds per item of each task, fp32, batch 16, with `score_continuations` running shared contexts
+# and few-shot prompts once (the exact form of the shipped SmolLM2 at 50 items: 71 s for the seven
+# tasks; its polynomial form's circuits take 140 s)
+EVAL_SECONDS_PER_ITEM = {"hellaswag": 0.41, "piqa": 0.20, "arc_easy": 0.16, "arc_challenge": 0.22, "winogrande": 0.10,
+                         "lambada": 0.14, "arc_easy_5shot": 0.20}
+EVAL_SECONDS_PER_OTHER_ITEM = 0.3  # a task not measured above
+POLYNOMIAL_SLOWDOWN = 2.0
 MIN_DISTILL_SECONDS = 300.0
 RECOVERY_CORPORA = ("shakespeare", "bigbench")
 DELTA_FOLDER = "delta"  # inside the polynomial stage's folder: what `load_checkpoint` rebuilds the model from
@@ -183,8 +188,8 @@ class Recovery:
         s = self.settings
         if row not in s.evaluate_stages or row in self.state["rows"]:
             return 0.0
-        requests = sum(_requests_per_item(task) for task in s.tasks) * self._eval_limit(row)
-        seconds = requests * EVAL_SECONDS_PER_REQUEST + s.held_out_blocks * s.held_out_block / 500
+        per_item = sum(EVAL_SECONDS_PER_ITEM.get(task, EVAL_SECONDS_PER_OTHER_ITEM) for task in s.tasks)
+        seconds = per_item * self._eval_limit(row) + s.held_out_blocks * s.held_out_block / 500
         return seconds * (POLYNOMIAL_SLOWDOWN if row == "polynomial" else 1.0)
 
     def estimate(self, stage: str, num_layers: int = 30) -> float:
@@ -383,12 +388,6 @@ class Recovery:
         scores["seconds"] = time.monotonic() - start
         self.state["rows"][row] = scores
         self._save_state()
-
-
-def _requests_per_item(task: str) -> int:
-    return {"hellaswag": 4, "arc_easy": 4, "arc_challenge": 4, "lambada": 1}.get(task.removesuffix("_5shot"), 2) * (
-        6 if task.endswith("_5shot") else 1  # five worked examples make each request ~6x longer
-    )
 
 
 def measure_cache_rate(teacher, blocks, k: int, bf16: bool, count: int = 2) -> float:

@@ -44,6 +44,42 @@ def test_batched_scores_match_the_unbatched_reference(trained_tiny, python_docs)
         assert score.greedy == greedy
 
 
+
+def shared_prompt_pairs(text: str) -> list[tuple[str, str]]:
+    """Few-shot-like pairs: one prompt shared by every item, choices sharing their item's context,
+    contexts of unequal lengths, and one-token continuations."""
+    pairs = pairs_from(text, 12, seed=5)
+    shots = "".join(context + continuation for context, continuation in pairs[:2])
+    items = [(shots + pairs[2 + i][0][: 15 + 20 * i], [" " + p[1].strip() for p in pairs[6 + i : 9 + i]]) for i in range(3)]
+    return [(context, answer) for context, answers in items for answer in answers] + [(shots + "x", " =")]
+
+
+@pytest.mark.parametrize("form", ["exact", "polynomial", "softmax llama"])
+def test_shared_prompts_score_like_each_pair_alone(form, trained_tiny, python_docs, tmp_path):
+    text = "\n".join(python_docs)
+    if form == "softmax llama":
+        from tests.helpers import save_tiny_llama
+
+        model, tokenizer = save_tiny_llama(tmp_path, text[:50_000])
+    else:
+        tokenizer = trained_tiny.tokenizer
+        model = trained_tiny.model.to_exact()
+        if form == "polynomial":
+            ids = tokenizer(text[:60_000]).input_ids
+            model = model.to_polynomial(calibration_data=[torch.tensor([ids[k : k + 128]]) for k in range(0, 8192, 128)], progress=False)
+    pairs = shared_prompt_pairs(text)
+    fed = []  # token positions the model ran, pads included
+    hook = model.get_input_embeddings().register_forward_hook(lambda module, args, out: fed.append(args[0].numel()))
+    scores = score_continuations(model, tokenizer, pairs, batch_size=2, progress=False)
+    hook.remove()
+    # the shared prompt ran once, not once per pair
+    assert sum(fed) < 0.5 * sum(len(encode_pair(tokenizer, *pair, 10_000)[0]) for pair in pairs)
+    for (context, continuation), score in zip(pairs, scores):
+        logprob, greedy = reference_score(model, tokenizer, context, continuation)
+        assert score.logprob == pytest.approx(logprob, rel=1e-4, abs=1e-4)
+        assert score.greedy == greedy
+
+
 def write_task(folder, name, variant, rows):
     path = folder / name / variant
     path.mkdir(parents=True)
