@@ -70,7 +70,8 @@ def report(state: dict, command: str) -> str:
         f"{settings['attn_eps']:g}) on 2 CPU cores",
         "",
         f"Commands: `{command}`. Runs: " + "; ".join(
-            f"budget {run['budget_seconds'] / 60:.0f} min, {run.get('seconds', 0) / 60:.0f} min used"
+            f"budget {run['budget_seconds'] / 60:.0f} min, "
+            + (f"{run['seconds'] / 60:.0f} min used" if "seconds" in run else "not finished (running, or interrupted)")
             + (f" ({run['stopped']})" if run.get("stopped") else "") for run in state["runs"]
         ) + ".",
         "",
