@@ -44,7 +44,6 @@ def test_batched_scores_match_the_unbatched_reference(trained_tiny, python_docs)
         assert score.greedy == greedy
 
 
-
 def shared_prompt_pairs(text: str) -> list[tuple[str, str]]:
     """Few-shot-like pairs: one prompt shared by every item, choices sharing their item's context,
     contexts of unequal lengths, and one-token continuations."""
@@ -78,6 +77,7 @@ def test_shared_prompts_score_like_each_pair_alone(form, trained_tiny, python_do
         logprob, greedy = reference_score(model, tokenizer, context, continuation)
         assert score.logprob == pytest.approx(logprob, rel=1e-4, abs=1e-4)
         assert score.greedy == greedy
+    trained_tiny.model.to_exact()  # the session's model, shared with other tests, back in its exact form
 
 
 def write_task(folder, name, variant, rows):
