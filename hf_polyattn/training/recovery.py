@@ -245,6 +245,10 @@ class Recovery:
         self._evaluate("converted", student, tokenizer, teacher, held_out)
 
         done = [stage for stage in STAGES if stage in self.state["stages"]]
+        for stage in done:  # a finished stage whose scoring was interrupted is scored now
+            if stage in s.evaluate_stages and stage not in self.state["rows"]:
+                model = AutoModelForCausalLM.from_pretrained(self.out_dir / stage).eval()
+                self._evaluate(stage, model, tokenizer, teacher, held_out)
         if done and len(done) < len(STAGES):  # the next stage starts from the last finished one
             student = AutoModelForCausalLM.from_pretrained(self.out_dir / done[-1]).eval()
         for stage in STAGES[len(done) :]:

@@ -111,6 +111,15 @@ def test_recovery_runs_every_stage_then_resumes_without_redoing_them(teacher_fol
     again = Recovery(settings(teacher_folder), out, progress=False).run(60)  # nothing left to do
     assert again["stages"] == state["stages"]
 
+    # a run stopped while scoring its last stage: the next one scores it, the same
+    interrupted = json.loads((out / "state.json").read_text())
+    del interrupted["rows"]["polynomial"]
+    (out / "state.json").write_text(json.dumps(interrupted))
+    rescored = Recovery(settings(teacher_folder), out, progress=False).run(600)
+    assert rescored["stages"] == state["stages"]
+    row, before = rescored["rows"]["polynomial"], rows["polynomial"]
+    assert row["kl"] == pytest.approx(before["kl"], rel=1e-5) and row["piqa"] == before["piqa"]
+
     # redo the last stage (e.g. after the approximations changed): only it runs again, from the distilled model
     recovery = Recovery(settings(teacher_folder), out, progress=False)
     recovery.redo("polynomial")
