@@ -43,7 +43,7 @@ from .distill import Deadline, DistillationTrainer, merge_trained, native_bf16, 
 from .fewshot import episodes_for_share, fewshot_blocks
 from .pretrain import split_text
 from .storage import write_json_atomic
-from .teacher_cache import build_teacher_cache, reachable_blocks, teacher_topk
+from .teacher_cache import CACHE_BATCH, build_teacher_cache, reachable_blocks, teacher_topk
 
 STATE = "state.json"
 STAGES = ("transferred", "distilled", "polynomial")  # "converted" is recomputed from the teacher in seconds
@@ -53,8 +53,10 @@ STAGES = ("transferred", "distilled", "polynomial")  # "converted" is recomputed
 # one is caught by the deadline and the budget checks between stages.
 TEACHER_TOKENS_PER_SECOND = 120.0  # teacher forward with every layer's attention recorded
 TRANSFER_SECONDS_PER_LAYER_PER_BLOCK = 0.3  # one 512-token block: forward+backward+error passes
-CACHE_TOKENS_PER_SECOND = 1200.0  # teacher top-k cache (bf16)
-DISTILL_TOKENS_PER_SECOND = 340.0  # cached top-k, bf16 autocast, all parameters, with the range loss
+# The default run's (2026-12-01): only their ratio plans a run, the cache's rate is timed on the machine
+CACHE_TOKENS_PER_SECOND = 595.0  # teacher top-k cache (bf16, CACHE_BATCH blocks per forward)
+DISTILL_TOKENS_PER_SECOND = 174.0  # cached top-k, bf16 autocast, all parameters, with the range loss
+CALIBRATION_TOKENS_PER_SECOND = 550.0  # exact-form forward recording every approximation's inputs
 # Seconds per item of each task, fp32, batch 16, with `score_continuations` running shared contexts
 # and few-shot prompts once (the exact form of the shipped SmolLM2 at 50 items: 71 s for the seven
 # tasks; its polynomial form's circuits take 140 s)
@@ -318,11 +320,16 @@ class Recovery:
             # 4x slower than SmolLM2 (its 262k-word head); SmolLM2's constants left it 1 step.
             cache_rate = measure_cache_rate(teacher, mix, s.topk, bf16)
             distill_rate = cache_rate * DISTILL_TOKENS_PER_SECOND / CACHE_TOKENS_PER_SECOND
+            calibration = 0.0  # the range loss's domains are calibrated first (4 min for SmolLM2)
+            if s.range_loss_weight > 0:
+                calibration = s.calibration_blocks * s.calibration_block / CALIBRATION_TOKENS_PER_SECOND
+            seconds = max(0.0, seconds - calibration)
             planned = max(1, int(seconds / (1 / cache_rate + 1 / distill_rate) / tokens_per_step))
             if s.distill_max_tokens:
                 planned = min(planned, max(1, s.distill_max_tokens // tokens_per_step))
             self.state["distill_steps"] = planned
-            self.state["distill_plan"] = {"seconds": seconds, "cache_tokens_per_second": cache_rate,
+            self.state["distill_plan"] = {"seconds": seconds, "calibration_seconds": calibration,
+                                          "cache_tokens_per_second": cache_rate,
                                           "distill_tokens_per_second": distill_rate}
             self._save_state()
         fewshot = 0
@@ -394,12 +401,16 @@ class Recovery:
         self._save_state()
 
 
-def measure_cache_rate(teacher, blocks, k: int, bf16: bool, count: int = 2) -> float:
-    """Tokens per second of the teacher's top-k cache on this machine: `count` of `blocks`
-    (a `datasets.Dataset` of `input_ids`) timed after one warm-up block."""
+def measure_cache_rate(teacher, blocks, k: int, bf16: bool) -> float:
+    """Tokens per second of the teacher's top-k cache on this machine: one forward of
+    `CACHE_BATCH` of `blocks` (a `datasets.Dataset` of `input_ids`), the size the cache is built
+    at, timed after a one-block warm-up. Timing 2 blocks instead read 813 tokens/s for SmolLM2
+    where the cache then ran at 595 (the batch's logits leave the caches), and the distillation
+    was planned 1.8x too long: cut by its deadline at 55 % of its steps with the learning rate
+    still at half its peak, and 45 % of the cached tokens unused."""
     if len(blocks) < 2:  # nothing to time after the warm-up: SmolLM2's rate
         return CACHE_TOKENS_PER_SECOND
-    ids = torch.tensor(blocks.select(range(min(len(blocks), count + 1)))["input_ids"])
+    ids = torch.tensor(blocks.select(range(min(len(blocks), CACHE_BATCH + 1)))["input_ids"])
     autocast_dtype = torch.bfloat16 if bf16 else None
     teacher_topk(teacher, ids[:1], k, autocast_dtype=autocast_dtype)
     start = time.perf_counter()

@@ -28,6 +28,8 @@ from torch import nn
 
 from .storage import as_token_blocks, save_tensors_atomic, token_hash, write_json_atomic
 
+CACHE_BATCH = 8  # blocks per teacher forward when building a cache; its rate is timed at this size
+
 TOPK_LOGPROBS = "teacher_topk_logprobs"
 TOPK_INDICES = "teacher_topk_indices"
 REST_LOGPROB = "teacher_rest_logprob"
@@ -125,7 +127,7 @@ def build_teacher_cache(
     teacher_id: str,
     k: int = 64,
     temperature: float = 1.0,
-    batch_size: int = 8,
+    batch_size: int = CACHE_BATCH,
     blocks_per_shard: int = 256,
     dtype: torch.dtype = torch.float16,
     autocast_dtype: torch.dtype | None = None,

@@ -13,7 +13,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hf_polyattn.cli import main as cli_main
 from hf_polyattn.conversion.checkpoints import load_checkpoint
 from hf_polyattn.conversion.delta import DELTA_FILE
-from hf_polyattn.training.recovery import STAGES, Recovery, RecoverySettings, format_recovery_table, parse_budget
+from hf_polyattn.training.recovery import (
+    CACHE_TOKENS_PER_SECOND, CALIBRATION_TOKENS_PER_SECOND, DISTILL_TOKENS_PER_SECOND, STAGES, Recovery,
+    RecoverySettings, format_recovery_table, parse_budget,
+)
 from tests.helpers import save_tiny_llama
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -77,7 +80,10 @@ def test_recovery_runs_every_stage_then_resumes_without_redoing_them(teacher_fol
     assert state["stages"]["distilled"]["fewshot_share"] == pytest.approx(0.3, abs=0.05)  # episodes in the mix
     # the distillation was planned from this teacher's cache rate, timed here, not SmolLM2's constants
     plan, tokens_per_step = state["distill_plan"], SMALL["distill_block"] * 4
-    assert plan["distill_tokens_per_second"] == pytest.approx(plan["cache_tokens_per_second"] * 340 / 1200)
+    assert plan["distill_tokens_per_second"] == pytest.approx(plan["cache_tokens_per_second"] * DISTILL_TOKENS_PER_SECOND
+                                                              / CACHE_TOKENS_PER_SECOND)
+    # the seconds it divides exclude the range loss's calibration
+    assert plan["calibration_seconds"] == pytest.approx(16 * 64 / CALIBRATION_TOKENS_PER_SECOND)
     fitting = int(plan["seconds"] / (1 / plan["cache_tokens_per_second"] + 1 / plan["distill_tokens_per_second"]) / tokens_per_step)
     assert state["distill_steps"] == min(max(1, fitting), SMALL["distill_max_tokens"] // tokens_per_step)
     assert rows["teacher"]["piqa"]["n"] == 6 and rows["converted"]["piqa"]["n"] == 4  # final vs intermediate rows
