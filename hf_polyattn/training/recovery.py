@@ -227,13 +227,18 @@ class Recovery:
         s = self.settings
         start = time.monotonic()
         deadline = start + budget_seconds
-        pending = [stage for stage in STAGES if stage not in self.state["stages"]]
-        if pending:
-            first = self._eval_seconds("teacher") + self._eval_seconds("converted") + self.estimate(pending[0])
+        done = [stage for stage in STAGES if stage in self.state["stages"]]
+        pending = STAGES[len(done) :]
+        # finished stages whose scoring was interrupted are scored first
+        unscored = [stage for stage in done if self._eval_seconds(stage)]
+        if pending or unscored:
+            first = sum(self._eval_seconds(row) for row in ("teacher", "converted", *unscored))
+            first += self.estimate(pending[0]) if pending else 0.0
             if budget_seconds < first:
+                what = f"the next stage ({pending[0]}" if pending else f"the scores of {', '.join(unscored)} ("
                 raise ValueError(
-                    f"a budget of {_format_seconds(budget_seconds)} is too small for the next stage "
-                    f"({pending[0]}: ≈ {_format_seconds(first)} on 2 cores); give at least that, or fewer "
+                    f"a budget of {_format_seconds(budget_seconds)} is too small for {what}: "
+                    f"≈ {_format_seconds(first)} on 2 cores); give at least that, or fewer "
                     "transfer tokens / evaluation items"
                 )
         run_log = {"budget_seconds": budget_seconds, "stages": []}
@@ -246,14 +251,13 @@ class Recovery:
         student = convert_checkpoint(teacher, attn_power=s.attn_power, attn_eps=s.attn_eps, attn_form=s.attn_form)
         self._evaluate("converted", student, tokenizer, teacher, held_out)
 
-        done = [stage for stage in STAGES if stage in self.state["stages"]]
-        for stage in done:  # a finished stage whose scoring was interrupted is scored now
-            if stage in s.evaluate_stages and stage not in self.state["rows"]:
-                model = AutoModelForCausalLM.from_pretrained(self.out_dir / stage).eval()
-                self._evaluate(stage, model, tokenizer, teacher, held_out)
-        if done and len(done) < len(STAGES):  # the next stage starts from the last finished one
-            student = AutoModelForCausalLM.from_pretrained(self.out_dir / done[-1]).eval()
-        for stage in STAGES[len(done) :]:
+        loaded = {stage: self._load_stage(stage) for stage in unscored}
+        for stage, model in loaded.items():
+            self._evaluate(stage, model, tokenizer, teacher, held_out)
+        if done and pending:  # the next stage starts from the last finished one
+            student = loaded.get(done[-1]) or self._load_stage(done[-1])
+        del loaded
+        for stage in pending:
             folder = self.out_dir / stage
             left = deadline - time.monotonic()
             needed = self.estimate(stage, student.config.num_hidden_layers)
@@ -280,6 +284,9 @@ class Recovery:
         run_log["seconds"] = time.monotonic() - start
         self._save_state()
         return self.state
+
+    def _load_stage(self, stage: str):
+        return AutoModelForCausalLM.from_pretrained(self.out_dir / stage).eval()
 
     def _stop(self, run_log: dict, reason: str) -> None:
         done = [stage for stage in STAGES if stage in self.state["stages"]]

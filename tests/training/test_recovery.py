@@ -121,6 +121,8 @@ def test_recovery_runs_every_stage_then_resumes_without_redoing_them(teacher_fol
     interrupted = json.loads((out / "state.json").read_text())
     del interrupted["rows"]["polynomial"]
     (out / "state.json").write_text(json.dumps(interrupted))
+    with pytest.raises(ValueError, match="too small for the scores of polynomial"):  # its scoring counts
+        Recovery(settings(teacher_folder), out, progress=False).run(1)
     rescored = Recovery(settings(teacher_folder), out, progress=False).run(600)
     assert rescored["stages"] == state["stages"]
     row, before = rescored["rows"]["polynomial"], rows["polynomial"]
