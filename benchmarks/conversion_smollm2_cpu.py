@@ -103,6 +103,10 @@ def report(state: dict, command: str) -> str:
         notes = stages["distilled"]
         lines += ["", f"Distillation: {notes['steps']} of {notes['planned_steps']} planned steps, "
                       f"{notes['tokens'] / 1e3:.0f}k tokens, {stages['distilled']['seconds'] / 60:.0f} min."]
+        if notes.get("held_out_curve"):
+            lines += ["", "Held-out KL (and perplexity) during the distillation, by step (tokens, minutes of training): "
+                      + "; ".join(f"{p['step']} ({p['tokens'] / 1e3:.0f}k, {p['seconds'] / 60:.0f} min): "
+                                  f"{p['kl']:.3f} ({p['perplexity']:.1f})" for p in notes["held_out_curve"]) + "."]
     if "polynomial" in stages:
         notes = stages["polynomial"]
         fidelity = notes["fidelity"]
@@ -139,11 +143,19 @@ def plot(state: dict, path: Path) -> None:
     for row, scores in state["rows"].items():
         if row == "teacher":
             continue
-        elapsed += state["stages"].get(row, {}).get("seconds", 0.0)
+        stage = state["stages"].get(row, {})
+        curve = stage.get("held_out_curve", [])
+        if curve:  # training is the stage's end; the teacher cache and calibration come before it
+            start = elapsed + stage["seconds"] - curve[-1]["seconds"]
+            left.plot([(start + p["seconds"]) / 60 for p in curve], [p["kl"] for p in curve], ".", color="C1",
+                      label="during the distillation")
+        elapsed += stage.get("seconds", 0.0)
         times.append(elapsed / 60)
         kls.append(scores["kl"])
         names.append(row)
-    left.plot(times, kls, "o-")
+    left.plot(times, kls, "o-", color="C0")
+    if any(state["stages"].get(row, {}).get("held_out_curve") for row in state["rows"]):
+        left.legend(fontsize=8)
     for x, y, name in zip(times, kls, names):
         left.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     left.set_xlabel("cumulative stage wall time (min)")

@@ -1,6 +1,8 @@
 """Distillation: bring a converted PolyAttn student back to its softmax teacher's quality."""
 
+import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ from transformers import TrainerCallback
 
 from .autocast import UnwrapsAfterTraining
 from .range_loss import RangeLoss
+from .storage import write_json_atomic
 from .teacher_cache import CACHED_TARGET_KEYS, REST_LOGPROB, TOPK_INDICES, TOPK_LOGPROBS
 
 TRAINABLE_CHOICES = ("all", "attention", "lora")
@@ -306,3 +309,43 @@ class Deadline(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if time.monotonic() >= self.deadline:
             control.should_save = control.should_training_stop = True
+
+
+class HeldOutCurve(TrainerCallback):
+    """The quality-vs-time curve of a distillation: `measure(model)` (e.g. held-out KL to the
+    teacher and perplexity) at `points` evenly spaced steps of the planned run, and at the step
+    where training stops early (a deadline). Each point (`step`, `tokens`, training `seconds`,
+    and what `measure` returned) is appended to the JSON file at `path` as it is taken, so a
+    resumed run keeps the points before its checkpoint (later ones are dropped and taken again).
+    Measuring runs in eval mode without gradients and puts the model back in training mode."""
+
+    def __init__(self, measure: Callable[[nn.Module], dict[str, float]], path: str | Path, points: int,
+                 tokens_per_step: int):
+        if points < 0:
+            raise ValueError(f"points must be >= 0, got {points}")
+        self.measure, self.path, self.points, self.tokens_per_step = measure, Path(path), points, tokens_per_step
+        self.curve: list[dict[str, float]] = []
+        self._steps: set[int] = set()
+        self._start, self._seconds_before = 0.0, 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        kept = json.loads(self.path.read_text()) if self.path.is_file() else []
+        self.curve = [point for point in kept if point["step"] <= state.global_step]
+        self._seconds_before = self.curve[-1]["seconds"] if self.curve else 0.0  # time since then is lost
+        self._steps = {round(state.max_steps * i / self.points) for i in range(1, self.points + 1)} if self.points else set()
+        self._start = time.monotonic()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        step = state.global_step
+        if not self.points or (step not in self._steps and not control.should_training_stop):
+            return
+        if self.curve and self.curve[-1]["step"] == step:
+            return
+        training = model.training
+        model.eval()
+        with torch.no_grad():
+            measured = self.measure(model)
+        model.train(training)
+        seconds = self._seconds_before + time.monotonic() - self._start
+        self.curve.append({"step": step, "tokens": step * self.tokens_per_step, "seconds": seconds, **measured})
+        write_json_atomic(self.path, self.curve)

@@ -39,7 +39,7 @@ from .attention_transfer import record_teacher, transfer_attention
 from .calibrate import calibration_batches
 from .corpora import read_texts
 from .data import text_blocks
-from .distill import Deadline, DistillationTrainer, merge_trained, native_bf16, select_trainable
+from .distill import Deadline, DistillationTrainer, HeldOutCurve, merge_trained, native_bf16, select_trainable
 from .fewshot import episodes_for_share, fewshot_blocks
 from .pretrain import split_text
 from .storage import write_json_atomic
@@ -57,6 +57,7 @@ TRANSFER_SECONDS_PER_LAYER_PER_BLOCK = 0.3  # one 512-token block: forward+backw
 CACHE_TOKENS_PER_SECOND = 595.0  # teacher top-k cache (bf16, CACHE_BATCH blocks per forward)
 DISTILL_TOKENS_PER_SECOND = 174.0  # cached top-k, bf16 autocast, all parameters, with the range loss
 CALIBRATION_TOKENS_PER_SECOND = 550.0  # exact-form forward recording every approximation's inputs
+HELD_OUT_TOKENS_PER_SECOND = 500.0  # held-out KL and perplexity: student and teacher forwards, fp32
 # Seconds per item of each task, fp32, batch 16, with `score_continuations` running shared contexts
 # and few-shot prompts once (the exact form of the shipped SmolLM2 at 50 items: 71 s for the seven
 # tasks; its polynomial form's circuits take 140 s)
@@ -93,6 +94,7 @@ class RecoverySettings:
     distill_lr: float = 2e-4
     distill_train: str = "all"
     distill_max_tokens: int | None = None  # None: as many as the budget allows
+    distill_curve_points: int = 4  # held-out KL and perplexity at this many points of the distillation
     # Share of the distillation blocks that are in-context episodes built from the training text
     # (training/fewshot.py): running text alone did not bring few-shot learning back (SmolLM2's
     # ARC-E 5-shot gain +0.008 vs the teacher's +0.096 after 8.7M tokens on an H200; +0.040 after
@@ -191,8 +193,11 @@ class Recovery:
         if row not in s.evaluate_stages or row in self.state["rows"]:
             return 0.0
         per_item = sum(EVAL_SECONDS_PER_ITEM.get(task, EVAL_SECONDS_PER_OTHER_ITEM) for task in s.tasks)
-        seconds = per_item * self._eval_limit(row) + s.held_out_blocks * s.held_out_block / 500
+        seconds = per_item * self._eval_limit(row) + self._held_out_seconds()
         return seconds * (POLYNOMIAL_SLOWDOWN if row == "polynomial" else 1.0)
+
+    def _held_out_seconds(self) -> float:
+        return self.settings.held_out_blocks * self.settings.held_out_block / HELD_OUT_TOKENS_PER_SECOND
 
     def estimate(self, stage: str, num_layers: int = 30) -> float:
         """Planned seconds of `stage` (evaluation of its row included) on a 2-core machine."""
@@ -271,7 +276,7 @@ class Recovery:
             elif stage == "distilled":
                 # it takes what is left after its own row's scores and the later stages
                 reserve = later + self._eval_seconds(stage)
-                student, notes = self._distill(teacher, student, tokenizer, train_text, deadline=deadline - reserve)
+                student, notes = self._distill(teacher, student, tokenizer, train_text, held_out, deadline=deadline - reserve)
             else:
                 student, notes = self._polynomial(student, tokenizer, train_text, held_out, folder)
             student.save_pretrained(folder)
@@ -311,7 +316,7 @@ class Recovery:
         )
         return student.eval(), {"layers": report}
 
-    def _distill(self, teacher, student, tokenizer, train_text: str, deadline: float):
+    def _distill(self, teacher, student, tokenizer, train_text: str, held_out: torch.Tensor, deadline: float):
         s = self.settings
         bf16 = native_bf16()
         seconds = max(0.0, deadline - time.monotonic())
@@ -330,7 +335,7 @@ class Recovery:
             calibration = 0.0  # the range loss's domains are calibrated first (4 min for SmolLM2)
             if s.range_loss_weight > 0:
                 calibration = s.calibration_blocks * s.calibration_block / CALIBRATION_TOKENS_PER_SECOND
-            seconds = max(0.0, seconds - calibration)
+            seconds = max(0.0, seconds - calibration - s.distill_curve_points * self._held_out_seconds())
             planned = max(1, int(seconds / (1 / cache_rate + 1 / distill_rate) / tokens_per_step))
             if s.distill_max_tokens:
                 planned = min(planned, max(1, s.distill_max_tokens // tokens_per_step))
@@ -360,17 +365,21 @@ class Recovery:
             logging_steps=max(1, min(25, planned // 20)), save_steps=s.save_every, save_total_limit=1,
             report_to="none", seed=s.seed, disable_tqdm=not self.progress,
         )
+        curve = HeldOutCurve(  # the quality-vs-time curve, on the held-out blocks the rows are scored on
+            lambda model: held_out_kl_and_perplexity(model, teacher, held_out), self.out_dir / "distill-curve.json",
+            s.distill_curve_points, tokens_per_step,
+        )
         trainer = DistillationTrainer(
             model=student, args=arguments, train_dataset=cache, teacher=None,
-            range_loss_weight=s.range_loss_weight, callbacks=[Deadline(deadline)],
+            range_loss_weight=s.range_loss_weight, callbacks=[Deadline(deadline), curve],
         )
         resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
         result = trainer.train(resume_from_checkpoint=resume)
-        curve = [entry for entry in trainer.state.log_history if "loss" in entry]
+        losses = [entry for entry in trainer.state.log_history if "loss" in entry]
         notes = {
             "steps": result.global_step, "planned_steps": planned,
             "tokens": result.global_step * tokens_per_step, "fewshot_share": fewshot / len(mix),
-            "loss_curve": curve,
+            "loss_curve": losses, "held_out_curve": curve.curve,
         }
         return merge_trained(student).eval(), notes
 

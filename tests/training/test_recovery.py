@@ -8,11 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
+from transformers import TrainerControl, TrainerState
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_polyattn.cli import main as cli_main
 from hf_polyattn.conversion.checkpoints import load_checkpoint
 from hf_polyattn.conversion.delta import DELTA_FILE
+from hf_polyattn.training.distill import HeldOutCurve
 from hf_polyattn.training.recovery import (
     CACHE_TOKENS_PER_SECOND, CALIBRATION_TOKENS_PER_SECOND, DISTILL_TOKENS_PER_SECOND, STAGES, Recovery,
     RecoverySettings, format_recovery_table, parse_budget,
@@ -87,6 +90,11 @@ def test_recovery_runs_every_stage_then_resumes_without_redoing_them(teacher_fol
     fitting = int(plan["seconds"] / (1 / plan["cache_tokens_per_second"] + 1 / plan["distill_tokens_per_second"]) / tokens_per_step)
     assert state["distill_steps"] == min(max(1, fitting), SMALL["distill_max_tokens"] // tokens_per_step)
     assert rows["teacher"]["piqa"]["n"] == 6 and rows["converted"]["piqa"]["n"] == 4  # final vs intermediate rows
+    # the quality-vs-time curve: held-out KL at 4 points of the 40 steps, the last one the distilled row's
+    curve = state["stages"]["distilled"]["held_out_curve"]
+    assert [point["step"] for point in curve] == [10, 20, 30, 40] and curve[-1]["tokens"] == 40 * tokens_per_step
+    assert curve[-1]["kl"] == pytest.approx(rows["distilled"]["kl"], rel=1e-4) and curve[-1]["kl"] < curve[0]["kl"]
+    assert all(a["seconds"] < b["seconds"] for a, b in zip(curve, curve[1:]))
     polynomial = AutoModelForCausalLM.from_pretrained(out / "polynomial")
     assert polynomial.is_polynomial and polynomial.config.polynomial["calibrated"]
     fidelity = state["stages"]["polynomial"]["fidelity"]
@@ -154,3 +162,26 @@ def test_cli_convert_recover_reports_a_small_budget(teacher_folder, tmp_path, ca
     assert cli_main(argv) == 2
     assert "too small for the next stage" in capsys.readouterr().err
     assert cli_main([*argv[:-4], "--budget", "soon"]) == 2
+
+
+def test_the_held_out_curve_measures_at_its_points_and_keeps_them_across_a_resume(tmp_path):
+    model, seen = nn.Linear(2, 2).train(), []
+
+    def measure(module):
+        seen.append((module.training, torch.is_grad_enabled()))
+        return {"kl": 1.0 / (len(seen) + 1)}
+
+    def train(first_step, last_step, stop_at=None):
+        curve = HeldOutCurve(measure, tmp_path / "curve.json", points=4, tokens_per_step=10)
+        state, control = TrainerState(max_steps=8, global_step=first_step - 1), TrainerControl()
+        curve.on_train_begin(None, state, control)
+        for step in range(first_step, last_step + 1):
+            state.global_step, control.should_training_stop = step, step == stop_at
+            curve.on_step_end(None, state, control, model=model)
+        return [point["step"] for point in curve.curve]
+
+    assert train(1, 5, stop_at=5) == [2, 4, 5]  # a deadline's stop is measured too
+    assert seen == [(False, False)] * 3 and model.training  # eval mode, no gradients, then back
+    # resumed from the checkpoint of step 3: the points after it are dropped and taken again
+    assert train(4, 8) == [2, 4, 6, 8]
+    assert [point["step"] for point in json.loads((tmp_path / "curve.json").read_text())] == [2, 4, 6, 8]
