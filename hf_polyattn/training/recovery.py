@@ -47,6 +47,7 @@ from .teacher_cache import CACHE_BATCH, build_teacher_cache, reachable_blocks, t
 
 STATE = "state.json"
 STAGES = ("transferred", "distilled", "polynomial")  # "converted" is recomputed from the teacher in seconds
+FINAL_ROWS = ("teacher", "polynomial")  # scored on `eval_limit` items per task, the others on `quick_eval_limit`
 
 # Throughputs measured on 2 cores with avx512_bf16 (SmolLM2-135M, benchmarks/results/
 # conversion_smollm2_cpu.md); they plan the stages. A faster machine only finishes early; a slower
@@ -65,6 +66,8 @@ EVAL_SECONDS_PER_ITEM = {"hellaswag": 0.41, "piqa": 0.20, "arc_easy": 0.16, "arc
                          "lambada": 0.14, "arc_easy_5shot": 0.20}
 EVAL_SECONDS_PER_OTHER_ITEM = 0.3  # a task not measured above
 POLYNOMIAL_SLOWDOWN = 2.0
+POLYNOMIAL_STAGE_TOKENS_PER_SECOND = 200.0  # calibration + fidelity tokens per second of the stage (SmolLM2: 666 s)
+MAX_SLOWDOWN = 4.0  # the machine speed read from scored rows is clipped to [1/4, 4]
 MIN_DISTILL_SECONDS = 300.0
 RECOVERY_CORPORA = ("shakespeare", "bigbench")
 DELTA_FOLDER = "delta"  # inside the polynomial stage's folder: what `load_checkpoint` rebuilds the model from
@@ -114,8 +117,11 @@ class RecoverySettings:
     tolerance: float = DEFAULT_TOLERANCE
     # evaluation
     tasks: tuple[str, ...] = MULTIPLE_CHOICE + ("lambada", "arc_easy_5shot")
-    eval_limit: int = 500  # items per task for the reference and final rows (teacher, distilled, polynomial)
-    quick_eval_limit: int = 100  # for the intermediate rows (converted, transferred): the curve's shape
+    eval_limit: int = 500  # items per task for the reference and final rows (FINAL_ROWS)
+    # for the intermediate rows (converted, transferred, distilled): the curve's shape. The distilled
+    # row at 500 items took 10 of the default 150 minutes; its exact form is within 0.5 % of the
+    # polynomial row's next-token predictions, which are scored at 500.
+    quick_eval_limit: int = 100
     held_out_blocks: int = 16
     held_out_block: int = 256
     evaluate_stages: tuple[str, ...] = ("teacher", "converted") + STAGES
@@ -186,30 +192,50 @@ class Recovery:
         write_json_atomic(self.out_dir / STATE, self.state)
 
     def _eval_limit(self, row: str) -> int:
-        return self.settings.quick_eval_limit if row in ("converted", "transferred") else self.settings.eval_limit
+        return self.settings.eval_limit if row in FINAL_ROWS else self.settings.quick_eval_limit
 
     def _eval_seconds(self, row: str) -> float:
         s = self.settings
         if row not in s.evaluate_stages or row in self.state["rows"]:
             return 0.0
-        per_item = sum(EVAL_SECONDS_PER_ITEM.get(task, EVAL_SECONDS_PER_OTHER_ITEM) for task in s.tasks)
-        seconds = per_item * self._eval_limit(row) + self._held_out_seconds()
+        items = {task: self._eval_limit(row) for task in s.tasks}
+        return self._planned_scoring_seconds(row, items) * self._machine_speed()
+
+    def _planned_scoring_seconds(self, row: str, items: dict[str, int]) -> float:
+        """Seconds to score `row` on `items[task]` items per task, at the constants' speed."""
+        seconds = sum(EVAL_SECONDS_PER_ITEM.get(task, EVAL_SECONDS_PER_OTHER_ITEM) * n for task, n in items.items())
+        seconds += self._held_out_seconds()
         return seconds * (POLYNOMIAL_SLOWDOWN if row == "polynomial" else 1.0)
+
+    def _machine_speed(self) -> float:
+        """How much longer this machine takes than the one the constants were measured on: actual
+        over planned seconds of the rows scored so far (1 before any). Scoring and the polynomial
+        stage are planned with it; the distillation times its own rates. A 2-core VM half as fast
+        as the constants' machine scored SmolLM2's first rows at 1.4-1.6x their plan, and the
+        later stages, planned at 1x, would have run 26 minutes past a 2h30m budget."""
+        actual = planned = 0.0
+        for row, scores in self.state["rows"].items():
+            items = {task: scores[task]["n"] for task in self.settings.tasks if task in scores}
+            actual, planned = actual + scores["seconds"], planned + self._planned_scoring_seconds(row, items)
+        return min(MAX_SLOWDOWN, max(1 / MAX_SLOWDOWN, actual / planned)) if planned else 1.0
 
     def _held_out_seconds(self) -> float:
         return self.settings.held_out_blocks * self.settings.held_out_block / HELD_OUT_TOKENS_PER_SECOND
 
     def estimate(self, stage: str, num_layers: int = 30) -> float:
-        """Planned seconds of `stage` (evaluation of its row included) on a 2-core machine."""
+        """Planned seconds of `stage` (evaluation of its row included) on this machine: the
+        constants' 2-core machine scaled by the speed the rows scored so far ran at."""
         s = self.settings
         if stage == "transferred":
             blocks = s.transfer_tokens // s.transfer_block
             seconds = s.transfer_tokens / TEACHER_TOKENS_PER_SECOND
             seconds += num_layers * blocks * TRANSFER_SECONDS_PER_LAYER_PER_BLOCK * s.transfer_block / 512
+            seconds *= self._machine_speed()
         elif stage == "distilled":
             seconds = MIN_DISTILL_SECONDS
-        else:  # polynomial: calibration + fidelity on the held-out blocks
-            seconds = (s.calibration_blocks * s.calibration_block + s.held_out_blocks * s.held_out_block) / 300
+        else:  # polynomial: the delta's truncation, calibration, fidelity on the held-out blocks
+            tokens = s.calibration_blocks * s.calibration_block + s.held_out_blocks * s.held_out_block
+            seconds = tokens / POLYNOMIAL_STAGE_TOKENS_PER_SECOND * self._machine_speed()
         return seconds + self._eval_seconds(stage)
 
     # ------------------------------------------------------------------ the run
@@ -335,7 +361,9 @@ class Recovery:
             calibration = 0.0  # the range loss's domains are calibrated first (4 min for SmolLM2)
             if s.range_loss_weight > 0:
                 calibration = s.calibration_blocks * s.calibration_block / CALIBRATION_TOKENS_PER_SECOND
-            seconds = max(0.0, seconds - calibration - s.distill_curve_points * self._held_out_seconds())
+            calibration *= self._machine_speed()
+            measuring = s.distill_curve_points * self._held_out_seconds() * self._machine_speed()
+            seconds = max(0.0, seconds - calibration - measuring)
             planned = max(1, int(seconds / (1 / cache_rate + 1 / distill_rate) / tokens_per_step))
             if s.distill_max_tokens:
                 planned = min(planned, max(1, s.distill_max_tokens // tokens_per_step))
