@@ -50,8 +50,9 @@ STAGES = ("transferred", "distilled", "polynomial")  # "converted" is recomputed
 FINAL_ROWS = ("teacher", "polynomial")  # scored on `eval_limit` items per task, the others on `quick_eval_limit`
 
 # Throughputs measured on 2 cores with avx512_bf16 (SmolLM2-135M, benchmarks/results/
-# conversion_smollm2_cpu.md); they plan the stages. A faster machine only finishes early; a slower
-# one is caught by the deadline and the budget checks between stages.
+# conversion_smollm2_cpu.md); they plan the stages, scaled by this machine's pace once a row is
+# scored (`Recovery._machine_speed`); the distillation times its own; the deadline and the budget
+# checks between stages catch the rest.
 TEACHER_TOKENS_PER_SECOND = 120.0  # teacher forward with every layer's attention recorded
 TRANSFER_SECONDS_PER_LAYER_PER_BLOCK = 0.3  # one 512-token block: forward+backward+error passes
 # The default run's (2026-12-01): only their ratio plans a run, the cache's rate is timed on the machine
