@@ -9,8 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers import TrainerControl, TrainerState
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerControl, TrainerState
 
 from hf_polyattn.cli import main as cli_main
 from hf_polyattn.conversion.checkpoints import load_checkpoint
