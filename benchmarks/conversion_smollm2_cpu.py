@@ -139,7 +139,7 @@ def plot(state: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    elapsed, times, kls, names = 0.0, [], [], []
+    elapsed, times, kls, names, has_curve = 0.0, [], [], [], False
     for row, scores in state["rows"].items():
         if row == "teacher":
             continue
@@ -149,12 +149,13 @@ def plot(state: dict, path: Path) -> None:
             start = elapsed + stage["seconds"] - curve[-1]["seconds"]
             left.plot([(start + p["seconds"]) / 60 for p in curve], [p["kl"] for p in curve], ".", color="C1",
                       label="during the distillation")
+            has_curve = True
         elapsed += stage.get("seconds", 0.0)
         times.append(elapsed / 60)
         kls.append(scores["kl"])
         names.append(row)
     left.plot(times, kls, "o-", color="C0")
-    if any(state["stages"].get(row, {}).get("held_out_curve") for row in state["rows"]):
+    if has_curve:
         left.legend(fontsize=8)
     for x, y, name in zip(times, kls, names):
         left.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)

@@ -359,11 +359,11 @@ class Recovery:
             # 4x slower than SmolLM2 (its 262k-word head); SmolLM2's constants left it 1 step.
             cache_rate = measure_cache_rate(teacher, mix, s.topk, bf16)
             distill_rate = cache_rate * DISTILL_TOKENS_PER_SECOND / CACHE_TOKENS_PER_SECOND
+            speed = self._machine_speed()
             calibration = 0.0  # the range loss's domains are calibrated first (4 min for SmolLM2)
             if s.range_loss_weight > 0:
-                calibration = s.calibration_blocks * s.calibration_block / CALIBRATION_TOKENS_PER_SECOND
-            calibration *= self._machine_speed()
-            measuring = s.distill_curve_points * self._held_out_seconds() * self._machine_speed()
+                calibration = s.calibration_blocks * s.calibration_block / CALIBRATION_TOKENS_PER_SECOND * speed
+            measuring = s.distill_curve_points * self._held_out_seconds() * speed
             seconds = max(0.0, seconds - calibration - measuring)
             planned = max(1, int(seconds / (1 / cache_rate + 1 / distill_rate) / tokens_per_step))
             if s.distill_max_tokens:
